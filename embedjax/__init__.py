@@ -1,0 +1,14 @@
+"""embedjax: train, evaluate and serve text-embedding models with JAX / Flax."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["Encoder", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import embedjax` stays cheap (no jax import) for the CLI's --help and for config files.
+    if name == "Encoder":
+        from embedjax.encoder import Encoder
+        return Encoder
+    raise AttributeError(f"module 'embedjax' has no attribute {name!r}")

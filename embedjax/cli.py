@@ -1,0 +1,127 @@
+"""`embedjax` command line: the only place that parses flags.
+
+Subcommands: encode, eval (and, as they land: mine, train, export). Heavy imports happen inside each
+subcommand so `embedjax --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+# Subcommands living in other modules: name -> module exposing add_parser(subparsers) and run(args).
+_EXTERNAL = {
+    "eval": "embedjax.evaluate.cli",
+    "mine": "embedjax.data.mining",
+}
+
+
+class CLIError(Exception):
+    """An error to print as one line (no traceback) with exit status 2."""
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache so repeated CLI runs skip compilation (EMBEDJAX_COMPILATION_CACHE=0 disables)."""
+    import os
+
+    d = os.environ.get("EMBEDJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "embedjax" / "xla"))
+    if d in ("", "0"):
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="embed a .txt (one text a line) or .jsonl (a 'text' field) file to .npy",
+                       description="Embed texts with a sentence-transformers / Hugging Face model folder or hub id.")
+    p.add_argument("--model", required=True, help="model folder (sentence-transformers or Hugging Face) or hub id")
+    p.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl (field --field)")
+    p.add_argument("--output", required=True, help="output .npy file, float32 [N, D]")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's)")
+    p.add_argument("--prompt", default=None, help="string prepended to every text, e.g. 'query: '")
+    p.add_argument("--dim", type=int, default=None, help="keep the first DIM dimensions (Matryoshka)")
+    p.add_argument("--tower", choices=("query", "document"), default="query")
+    p.add_argument("--no-normalize", action="store_true", help="return unnormalised embeddings")
+    p.set_defaults(func=_run_encode)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from embedjax.encoder import Encoder, read_texts
+
+    out = Path(args.output)
+    if out.suffix != ".npy":
+        raise CLIError(f"--output {out}: expected a .npy file")
+    texts = read_texts(args.input, field=args.field)
+    t0 = time.time()
+    enc = Encoder.load(args.model)
+    logging.info("loaded %r in %.1fs", enc, time.time() - t0)
+    t0 = time.time()
+    emb = enc.encode(texts, batch_size=args.batch_size, max_length=args.max_length, prompt=args.prompt,
+                     dim=args.dim, tower=args.tower, normalize=False if args.no_normalize else None,
+                     show_progress=len(texts) > 256)
+    dt = time.time() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npy")
+    np.save(tmp, emb)
+    tmp.replace(out)  # never leave a half-written output behind
+    buckets = sorted({s[1] for s in enc._compiled})
+    print(f"encoded {len(texts)} texts -> {out} {tuple(emb.shape)} in {dt:.1f}s "
+          f"({len(texts) / max(dt, 1e-9):.0f} texts/s); {enc.num_compilations} compilations "
+          f"(length buckets used: {buckets})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedjax", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_encode(sub)
+    for name, modname in _EXTERNAL.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as e:
+            missing = getattr(e, "name", None) or str(e)
+            p = sub.add_parser(name, help=f"(unavailable: {missing} is not installed)")
+            p.set_defaults(func=_unavailable(name, missing))
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def _unavailable(name: str, missing: str):
+    def run(args: argparse.Namespace) -> int:
+        raise CLIError(f"'embedjax {name}' needs {missing}; install the matching extra (pip install 'embedjax[data]')")
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        _enable_compilation_cache()
+        return int(args.func(args) or 0)
+    except (CLIError, FileNotFoundError, ValueError, TypeError) as e:
+        if args.verbose:
+            raise
+        print(f"embedjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"embedjax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

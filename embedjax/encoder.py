@@ -1,0 +1,209 @@
+"""`Encoder`: a loaded embedding model (config + params + tokenizer) with a fast, bucketed `encode`."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from embedjax.models.convert import ModelLoadError, load_folder, save_sentence_transformers
+from embedjax.models.dual_encoder import DualEncoder, ModelConfig, Tower
+from embedjax.tokenize import TextTokenizer, bucket_for, bucket_lengths, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+PROGRESS_MIN_TEXTS = 1024  # show a progress bar from this many texts on (show_progress=None)
+
+
+class Encoder:
+    """A sentence-embedding model applied as a pure function of its params.
+
+    >>> enc = Encoder.load("sentence-transformers/all-MiniLM-L6-v2")   # or a local folder
+    >>> enc.encode(["a sentence", "another"]).shape
+    (2, 384)
+    """
+
+    def __init__(self, config: ModelConfig, params: dict, tokenizer: Any, *, name: str = "",
+                 prompts: dict[str, str] | None = None, hf_config: dict | None = None):
+        import jax
+
+        self.config = config
+        self.params = jax.tree.map(jax.numpy.asarray, params)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.prompts = dict(prompts or {})
+        self._hf_config = hf_config
+        self._text = TextTokenizer(tokenizer, config.max_length)
+        self._module = DualEncoder(config)
+        self._compiled: set[tuple] = set()
+        self._apply = jax.jit(self._forward, static_argnames=("tower", "normalize"))
+
+    # --------------------------------------------------------------------------------------- construction
+    @classmethod
+    def load(cls, path_or_id: str | os.PathLike, *, max_length: int | None = None) -> "Encoder":
+        """Loads a local sentence-transformers / Hugging Face folder, or a hub id (needs network)."""
+        cfg, params, tdir, extras = load_folder(path_or_id)
+        if max_length is not None:
+            cfg = _replace(cfg, max_length=max_length)
+        tok = load_tokenizer(tdir)
+        if len(tok) > _vocab_size(cfg):
+            raise ModelLoadError(f"{tdir}: tokenizer has {len(tok)} tokens but the model's vocabulary has "
+                                 f"{_vocab_size(cfg)}: they do not belong together")
+        hf_config = json.loads((tdir / "config.json").read_text(encoding="utf-8"))
+        return cls(cfg, params, tok, name=str(path_or_id), prompts=extras.get("prompts"), hf_config=hf_config)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes a sentence-transformers folder (safetensors) that `SentenceTransformer(path)` loads."""
+        return save_sentence_transformers(path, self.config, self.params, self.tokenizer, prompts=self.prompts,
+                                          hf_config=self._hf_config)
+
+    # --------------------------------------------------------------------------------------- properties
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    @property
+    def dim(self) -> int:
+        return self.config.embedding_dim
+
+    @property
+    def num_compilations(self) -> int:
+        """Distinct (batch, length, tower, normalize) shapes compiled so far by `encode`."""
+        return len(self._compiled)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Stable hash of config and weights, for cache keys."""
+        import jax
+
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
+            h.update(jax.tree_util.keystr(path).encode())
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        return h.hexdigest()[:16]
+
+    # --------------------------------------------------------------------------------------- encoding
+    def _forward(self, params, ids_BxL, mask_BxL, *, tower: Tower, normalize: bool):
+        return self._module.apply({"params": params}, ids_BxL, mask_BxL, tower=tower, normalize=normalize)
+
+    def encode(self, texts: str | Iterable[str], *, batch_size: int = 128, max_length: int | None = None,
+               prompt: str | None = None, prompt_name: str | None = None, normalize: bool | None = None,
+               dim: int | None = None, tower: Tower = "query", show_progress: bool | None = None) -> np.ndarray:
+        """Embeds texts; returns float32 [N, D] (D = `dim` if given).
+
+        Texts are sorted by token length and padded to bucket lengths, so at most one compilation per bucket
+        (per tower / normalisation) happens whatever the input. `dim` keeps the first `dim` components
+        (Matryoshka) and re-normalises when the output is normalised. `prompt` is prepended to every text;
+        `prompt_name` picks one of the model's configured prompts.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"unknown prompt_name {prompt_name!r}; this model has {sorted(self.prompts)}")
+            prompt = self.prompts[prompt_name]
+        max_len = int(max_length or self.config.max_length)
+        if max_len > self.config.max_length and self.config.architecture == "bert":
+            raise ValueError(f"max_length {max_len} exceeds the model's {self.config.max_length}")
+        out_dim = self.dim if dim is None else int(dim)
+        if not 1 <= out_dim <= self.dim:
+            raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
+        norm = self.config.head.normalize if normalize is None else bool(normalize)
+        if not texts:
+            return np.zeros((0, out_dim), np.float32)
+        if prompt:
+            texts = [prompt + t for t in texts]
+
+        tok = self._text.tokenize(texts, max_len)
+        if tok.num_truncated:
+            log.warning("%d of %d texts were longer than %d tokens and were truncated",
+                        tok.num_truncated, len(texts), max_len)
+        lengths = np.fromiter((len(x) for x in tok.ids), np.int64, len(tok.ids))
+        order = np.argsort(-lengths, kind="stable")
+        buckets = bucket_lengths(max_len)
+        # One batch size per call (the next power of two >= N, capped), so small inputs stay cheap.
+        rows = min(batch_size, 1 << max(0, (len(texts) - 1).bit_length()))
+        out = np.empty((len(texts), self.dim), np.float32)
+        pending: list[tuple[np.ndarray, Any]] = []
+        starts = range(0, len(texts), rows)
+        show = len(texts) >= PROGRESS_MIN_TEXTS if show_progress is None else show_progress
+        if show:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="encode", unit="batch", total=len(starts))
+        for s in starts:
+            idx = order[s:s + rows]
+            length = bucket_for(int(lengths[idx[0]]), buckets)
+            ids, mask = self._text.pad([tok.ids[i] for i in idx], length, rows)
+            self._compiled.add((rows, length, tower, norm))
+            pending.append((idx, self._apply(self.params, ids, mask, tower=tower, normalize=norm)))
+            if len(pending) > 4:  # keep a few batches in flight, bound device memory
+                i0, e0 = pending.pop(0)
+                out[i0] = np.asarray(e0)[: len(i0)]
+        for i0, e0 in pending:
+            out[i0] = np.asarray(e0)[: len(i0)]
+        if out_dim < self.dim:
+            out = out[:, :out_dim]
+            if norm:
+                out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+            out = np.ascontiguousarray(out, dtype=np.float32)
+        return out
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Encoder({self.name or '<unnamed>'}: {c.architecture}, dim={self.dim}, pooling={c.head.pooling}, "
+                f"normalize={c.head.normalize}, max_length={c.max_length})")
+
+
+def _vocab_size(cfg: ModelConfig) -> int:
+    return cfg.encoder.vocab_size
+
+
+def _replace(cfg: ModelConfig, **kw: Any) -> ModelConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)
+
+
+def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
+    """Reads `.txt` (one text a line) or `.jsonl` (a `field` string per line); errors name file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    texts: list[str] = []
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{p}:{n}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+            line = line.rstrip("\r\n")
+            if p.suffix == ".jsonl":
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or field not in obj:
+                    raise ValueError(f"{p}:{n}: missing field {field!r}")
+                if not isinstance(obj[field], str):
+                    raise ValueError(f"{p}:{n}: field {field!r} is {type(obj[field]).__name__}, expected a string")
+                texts.append(obj[field])
+            else:
+                texts.append(line)
+    return texts
+
+
+def batched(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]

@@ -1,0 +1,363 @@
+"""Weights in and out: Hugging Face / sentence-transformers folders <-> embedjax (ModelConfig, params).
+
+A sentence-transformers folder has `modules.json` listing Transformer / Pooling / Dense / Normalize modules;
+a plain Hugging Face folder (config.json + weights) is read the way sentence-transformers reads one
+(mean pooling, no normalisation). Hub ids are resolved with huggingface_hub.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedjax.models.bert import BertConfig
+from embedjax.models.dual_encoder import ARCHITECTURES, HeadConfig, ModelConfig, tower_params
+from embedjax.models.t5 import T5Config
+
+log = logging.getLogger(__name__)
+
+# model_type in config.json -> embedjax architecture
+MODEL_TYPES = {"bert": "bert", "t5": "t5", "mt5": "t5"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "special_tokens_map.json")
+
+_ST_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+    "torch.nn.modules.activation.ReLU": "relu",
+    "torch.nn.modules.activation.GELU": "gelu",
+}
+_ST_ACTIVATIONS_INV = {v: k for k, v in _ST_ACTIVATIONS.items()}
+
+
+class ModelLoadError(ValueError):
+    """A model folder or hub id that cannot be loaded; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------- resolving
+
+def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id downloaded (or taken from the hub cache)."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_id)
+    if p.exists():
+        raise ModelLoadError(f"{s}: is a file, expected a model folder")
+    if s.startswith((".", "/", "~")) or s.count("/") > 1 or not s.strip():
+        raise ModelLoadError(f"{s}: no such model folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub comes with transformers
+        raise ModelLoadError(f"{s}: not a local folder and huggingface_hub is not installed") from e
+    try:
+        return Path(snapshot_download(
+            s, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*/*.json", "*/*.safetensors"]))
+    except Exception as e:  # offline, unknown repo, auth ...
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = (" (HF_HUB_OFFLINE is set and the model is not in the local hub cache)" if offline
+                else " (no network? download it elsewhere and pass the local folder)")
+        raise ModelLoadError(f"{s}: not a local folder and could not be fetched from the Hugging Face hub"
+                             f"{hint}: {type(e).__name__}") from e
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of a folder's model.safetensors (or sharded index) as float32 numpy arrays."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (folder / "pytorch_model.bin").is_file():
+        raise ModelLoadError(f"{folder / 'pytorch_model.bin'}: PyTorch pickles are not read (they need torch and "
+                             "can run code); convert it to model.safetensors first")
+    else:
+        raise ModelLoadError(f"{folder / 'model.safetensors'}: missing")
+    out: dict[str, np.ndarray] = {}
+    for name in files:
+        f = folder / name
+        if not f.is_file():
+            raise ModelLoadError(f"{f}: missing (listed in {index.name})")
+        try:
+            with safe_open(str(f), framework="flax") as st:
+                for k in st.keys():
+                    out[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
+        except Exception as e:
+            raise ModelLoadError(f"{f}: cannot be read as safetensors ({type(e).__name__}: {e})") from e
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- key maps
+# Each entry: (hf_key, params path inside the tower, kind). kind "linear" is transposed ([out,in] <-> [in,out]).
+
+Mapping = list[tuple[str, tuple[str, ...], str]]
+
+
+def _bert_mapping(cfg: BertConfig) -> Mapping:
+    m: Mapping = [
+        ("embeddings.word_embeddings.weight", ("word_embeddings", "embedding"), "copy"),
+        ("embeddings.position_embeddings.weight", ("position_embeddings", "embedding"), "copy"),
+        ("embeddings.token_type_embeddings.weight", ("token_type_embeddings", "embedding"), "copy"),
+        ("embeddings.LayerNorm.weight", ("embeddings_norm", "scale"), "copy"),
+        ("embeddings.LayerNorm.bias", ("embeddings_norm", "bias"), "copy"),
+    ]
+    for i in range(cfg.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        for hf, ours in (("attention.self.query", "query"), ("attention.self.key", "key"),
+                         ("attention.self.value", "value"), ("attention.output.dense", "attention_output"),
+                         ("intermediate.dense", "intermediate"), ("output.dense", "output")):
+            m += [(p + hf + ".weight", (f"layer_{i}", ours, "kernel"), "linear"),
+                  (p + hf + ".bias", (f"layer_{i}", ours, "bias"), "copy")]
+        for hf, ours in (("attention.output.LayerNorm", "attention_norm"), ("output.LayerNorm", "output_norm")):
+            m += [(p + hf + ".weight", (f"layer_{i}", ours, "scale"), "copy"),
+                  (p + hf + ".bias", (f"layer_{i}", ours, "bias"), "copy")]
+    return [(k, ("encoder",) + path, kind) for k, path, kind in m]
+
+
+def _t5_mapping(cfg: T5Config) -> Mapping:
+    m: Mapping = [
+        ("shared.weight", ("token_embedder", "embedding"), "copy"),
+        ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", ("relative_attention_bias",), "copy"),
+        ("encoder.final_layer_norm.weight", ("final_norm", "scale"), "copy"),
+    ]
+    ff = ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")
+    for i in range(cfg.num_layers):
+        p = f"encoder.block.{i}.layer."
+        m += [(p + "0.layer_norm.weight", (f"layer_{i}", "attention_norm", "scale"), "copy"),
+              (p + "1.layer_norm.weight", (f"layer_{i}", "mlp_norm", "scale"), "copy")]
+        for hf, ours in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "attention_output")):
+            m.append((p + f"0.SelfAttention.{hf}.weight", (f"layer_{i}", ours, "kernel"), "linear"))
+        for name in ff:
+            m.append((p + f"1.DenseReluDense.{name}.weight", (f"layer_{i}", name, "kernel"), "linear"))
+    return [(k, ("encoder",) + path, kind) for k, path, kind in m]
+
+
+def _mapping(cfg: ModelConfig) -> Mapping:
+    return _bert_mapping(cfg.encoder) if cfg.architecture == "bert" else _t5_mapping(cfg.encoder)
+
+
+def _strip_prefix(tensors: dict[str, np.ndarray], anchor: str) -> dict[str, np.ndarray]:
+    """Drops a wrapper prefix such as 'bert.' or 'model.' found in front of `anchor`."""
+    for k in tensors:
+        if k.endswith(anchor):
+            prefix = k[: -len(anchor)]
+            if prefix:
+                return {kk[len(prefix):]: v for kk, v in tensors.items() if kk.startswith(prefix)}
+            return tensors
+    return tensors
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def hf_to_tower_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str) -> dict:
+    """HF tensors -> the params of one tower (encoder part)."""
+    if cfg.architecture == "bert":
+        tensors = _strip_prefix(tensors, "embeddings.word_embeddings.weight")
+        # very old checkpoints name LayerNorm params gamma / beta
+        tensors = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+                   for k, v in tensors.items()}
+    else:
+        if "shared.weight" not in tensors and "encoder.embed_tokens.weight" in tensors:
+            tensors = dict(tensors, **{"shared.weight": tensors["encoder.embed_tokens.weight"]})
+    params: dict = {}
+    missing = []
+    for key, path, kind in _mapping(cfg):
+        if key not in tensors:
+            missing.append(key)
+            continue
+        v = tensors[key]
+        _set(params, path, np.ascontiguousarray(v.T) if kind == "linear" else v)
+    if missing:
+        raise ModelLoadError(f"{source}: {len(missing)} weights missing for a {cfg.architecture} model "
+                             f"(first: {missing[0]}); the file does not match config.json")
+    return params
+
+
+def tower_params_to_hf(cfg: ModelConfig, tower: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for key, path, kind in _mapping(cfg):
+        v = np.asarray(_get(tower, path), dtype=np.float32)
+        out[key] = np.ascontiguousarray(v.T if kind == "linear" else v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def encoder_config_from_hf(cfg_json: dict, source: Path) -> tuple[str, BertConfig | T5Config]:
+    mt = cfg_json.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise ModelLoadError(f"{source}: model_type {mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
+    arch = MODEL_TYPES[mt]
+    enc_cls = ARCHITECTURES[arch][0]
+    try:
+        return arch, enc_cls.from_hf(cfg_json)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{source}: {e}") from e
+
+
+def _pooling_from_st(cfg: dict, source: Path) -> str:
+    modes = {"cls": cfg.get("pooling_mode_cls_token", False), "mean": cfg.get("pooling_mode_mean_tokens", False),
+             "max": cfg.get("pooling_mode_max_tokens", False),
+             "mean_sqrt_len": cfg.get("pooling_mode_mean_sqrt_len_tokens", False)}
+    unsupported = [k for k in ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken") if cfg.get(k)]
+    on = [k for k, v in modes.items() if v]
+    if unsupported or len(on) != 1:
+        raise ModelLoadError(f"{source}: exactly one of cls / mean / max / mean_sqrt_len pooling is supported, "
+                             f"got {on + unsupported}")
+    if cfg.get("include_prompt") is False:
+        raise ModelLoadError(f"{source}: include_prompt=false is not supported")
+    return on[0]
+
+
+def load_folder(path_or_id: str | os.PathLike) -> tuple[ModelConfig, dict, Path, dict]:
+    """Reads a sentence-transformers or Hugging Face folder.
+
+    Returns (config, params, transformer_dir, extras) where params is the full DualEncoder tree and extras
+    holds `prompts`, `default_prompt_name` and `similarity_fn_name` from config_sentence_transformers.json.
+    """
+    root = resolve_model_dir(path_or_id)
+    modules_file = root / "modules.json"
+    transformer_dir, pooling, normalize, dense = root, "mean", False, None
+    max_length = None
+    if modules_file.is_file():
+        modules = _read_json(modules_file)
+        seen_transformer = False
+        for mod in modules:
+            kind = mod.get("type", "").rsplit(".", 1)[-1]
+            mdir = root / mod.get("path", "")
+            if kind == "Transformer":
+                seen_transformer, transformer_dir = True, mdir
+            elif kind == "Pooling":
+                pooling = _pooling_from_st(_read_json(mdir / "config.json"), mdir / "config.json")
+            elif kind == "Normalize":
+                normalize = True
+            elif kind == "Dense":
+                if dense is not None:
+                    raise ModelLoadError(f"{modules_file}: more than one Dense module is not supported")
+                dense = mdir
+            else:
+                raise ModelLoadError(f"{modules_file}: module type {mod.get('type')!r} is not supported "
+                                     "(supported: Transformer, Pooling, Dense, Normalize)")
+        if not seen_transformer:
+            raise ModelLoadError(f"{modules_file}: no Transformer module")
+        sbert = transformer_dir / "sentence_bert_config.json"
+        if sbert.is_file():
+            max_length = _read_json(sbert).get("max_seq_length")
+    else:
+        log.warning("%s has no modules.json: using mean pooling without normalisation (as sentence-transformers "
+                    "does for a plain Hugging Face model)", root)
+    cfg_path = transformer_dir / "config.json"
+    arch, enc_cfg = encoder_config_from_hf(_read_json(cfg_path), cfg_path)
+
+    head = HeadConfig(pooling=pooling, normalize=normalize)
+    proj = None
+    if dense is not None:
+        dcfg = _read_json(dense / "config.json")
+        act = dcfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+        if act not in _ST_ACTIVATIONS:
+            raise ModelLoadError(f"{dense / 'config.json'}: activation {act!r} is not supported; "
+                                 f"supported: {', '.join(_ST_ACTIVATIONS)}")
+        dt = read_safetensors(dense)
+        if "linear.weight" not in dt:
+            raise ModelLoadError(f"{dense / 'model.safetensors'}: no 'linear.weight' tensor")
+        proj = {"kernel": np.ascontiguousarray(dt["linear.weight"].T)}
+        if dcfg.get("bias", True):
+            proj["bias"] = dt["linear.bias"]
+        head = HeadConfig(pooling=pooling, normalize=normalize, projection_dim=int(dcfg["out_features"]),
+                          projection_bias=bool(dcfg.get("bias", True)),
+                          projection_activation=_ST_ACTIVATIONS[act])
+    if max_length is None:
+        max_length = getattr(enc_cfg, "max_position_embeddings", 512)
+    cfg = ModelConfig(architecture=arch, encoder=enc_cfg, head=head, shared_towers=True, max_length=int(max_length))
+    tower = hf_to_tower_params(cfg, read_safetensors(transformer_dir), str(transformer_dir / "model.safetensors"))
+    if proj is not None:
+        tower["projection"] = proj
+    extras = {}
+    st_cfg = root / "config_sentence_transformers.json"
+    if st_cfg.is_file():
+        c = _read_json(st_cfg)
+        extras = {k: c[k] for k in ("prompts", "default_prompt_name", "similarity_fn_name") if c.get(k)}
+    return cfg, {"tower": tower}, transformer_dir, extras
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def save_sentence_transformers(path: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer: Any,
+                               *, prompts: dict[str, str] | None = None, hf_config: dict | None = None) -> Path:
+    """Writes a folder that `SentenceTransformer(path)` loads (safetensors weights)."""
+    from safetensors.numpy import save_file
+
+    if not cfg.shared_towers:
+        raise ValueError("a model with separate query / document towers cannot be written as one "
+                         "sentence-transformers model; export each tower (tower='query' / 'document')")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tower = tower_params(cfg, params)
+    save_file(tower_params_to_hf(cfg, tower), str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf = dict(hf_config) if hf_config else cfg.encoder.to_hf()
+    _write_json(out / "config.json", hf)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    _write_json(out / "sentence_bert_config.json", {"max_seq_length": cfg.max_length, "do_lower_case": False})
+    dim = cfg.encoder.hidden_dim
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    _write_json(out / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": cfg.head.pooling == "cls",
+        "pooling_mode_mean_tokens": cfg.head.pooling == "mean",
+        "pooling_mode_max_tokens": cfg.head.pooling == "max",
+        "pooling_mode_mean_sqrt_len_tokens": cfg.head.pooling == "mean_sqrt_len",
+    })
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    if cfg.head.projection_dim:
+        ddir = out / "2_Dense"
+        proj = tower["projection"]
+        tensors = {"linear.weight": np.ascontiguousarray(np.asarray(proj["kernel"], np.float32).T)}
+        if cfg.head.projection_bias:
+            tensors["linear.bias"] = np.asarray(proj["bias"], np.float32)
+        ddir.mkdir(exist_ok=True)
+        save_file(tensors, str(ddir / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(ddir / "config.json", {
+            "in_features": dim, "out_features": cfg.head.projection_dim, "bias": cfg.head.projection_bias,
+            "activation_function": _ST_ACTIVATIONS_INV[cfg.head.projection_activation]})
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    if cfg.head.normalize:
+        (out / f"{len(modules)}_Normalize").mkdir(exist_ok=True)
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    _write_json(out / "modules.json", modules)
+    st_cfg: dict[str, Any] = {"similarity_fn_name": "cosine", "prompts": prompts or {}, "default_prompt_name": None}
+    _write_json(out / "config_sentence_transformers.json", st_cfg)
+    _write_json(out / "embedjax_config.json", cfg.to_dict())
+    return out
+

@@ -1,0 +1,154 @@
+"""Shared Flax Linen building blocks.
+
+Every parameter is created through `nn.with_logical_partitioning` so that the sharding rules in
+`embedjax.sharding` (one table, logical -> physical) decide placement; models never name mesh axes.
+
+Logical axis names used by the models:
+  vocab   vocabulary rows of an embedding table
+  embed   the model (hidden) dimension
+  heads   fused heads * head_dim dimension of attention projections
+  mlp     feed-forward hidden dimension
+  pos     position-embedding rows / relative-position buckets
+  proj    output dimension of the sentence-embedding projection
+  norm    scale / bias vectors of normalisation layers (replicated)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """GELU with the exact erf form (HF 'gelu')."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (HF 'gelu_new' / 'gelu_pytorch_tanh')."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu_erf,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "identity": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias). kernel is [in, out] with logical axes `axes`."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """Lookup table [num, features] with logical axes `axes`."""
+
+    num: int
+    features: int
+    axes: tuple[str, str] = ("vocab", "embed")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Initializer = default_init
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(self.embedding_init, self.axes),
+            (self.num, self.features), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed exactly as torch.nn.LayerNorm (two-pass variance), in float32."""
+
+    eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centered = x32 - mean
+        var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """T5 LayerNorm: no mean subtraction, no bias, variance in float32."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        return (scale * y).astype(self.dtype)
+
+
+def masked_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
+                     mask_BxL: jax.Array, *, scale: float | None, bias_1xHxLxL: jax.Array | None = None,
+                     ) -> jax.Array:
+    """Softmax attention over keys where mask is 1. Logits and softmax in float32."""
+    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK,
+                                preferred_element_type=jnp.float32)
+    if scale is not None:
+        logits_BxHxLxL = logits_BxHxLxL * scale
+    if bias_1xHxLxL is not None:
+        logits_BxHxLxL = logits_BxHxLxL + bias_1xHxLxL.astype(jnp.float32)
+    neg = jnp.finfo(jnp.float32).min
+    logits_BxHxLxL = jnp.where(mask_BxL[:, None, None, :].astype(bool), logits_BxHxLxL, neg)
+    probs = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
+    return jnp.einsum("bhqs,bshk->bqhk", probs, v_BxLxHxK)
+
+
+def head_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
