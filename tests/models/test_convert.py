@@ -1,0 +1,152 @@
+"""Weights in and out: sentence-transformers round trip, T5 + projection, and clear errors for bad folders."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+
+def test_round_trip_minilm_to_sentence_transformers(minilm, tmp_path, stsb_test_sentences):
+    st = pytest.importorskip("sentence_transformers")
+    out = minilm.save(tmp_path / "st")
+    texts = stsb_test_sentences[:200]
+    ref = st.SentenceTransformer(str(out), device="cpu").encode(texts)
+    np.testing.assert_allclose(minilm.encode(texts), ref, atol=1e-5)
+    # and back into embedjax, bit for bit
+    from embedjax import Encoder
+    again = Encoder.load(out)
+    assert again.fingerprint == minilm.fingerprint
+
+
+def test_round_trip_sentence_t5_layout(tmp_path, minilm_dir):
+    """A T5 encoder + bias-free 2_Dense projection + Normalize (Sentence-T5 layout) survives the round trip."""
+    st = pytest.importorskip("sentence_transformers")
+    pytest.importorskip("sentencepiece")
+    import jax
+    from transformers import T5TokenizerFast
+
+    from embedjax import Encoder
+    from embedjax.models.dual_encoder import HeadConfig, ModelConfig, init_params
+    from embedjax.models.t5 import T5Config
+
+    spm = _train_sentencepiece(tmp_path)
+    tok = T5TokenizerFast(vocab_file=str(spm))
+    cfg = ModelConfig("t5", T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                     feed_forward_proj="gated-gelu"),
+                      HeadConfig(pooling="mean", projection_dim=16, projection_bias=False, normalize=True),
+                      max_length=64)
+    enc = Encoder(cfg, init_params(cfg, jax.random.key(1)), tok, name="tiny-st5")
+    out = enc.save(tmp_path / "st5")
+    texts = ["a tiny sentence t5", "hello world", "", "padding matters here, a longer sentence than the rest"]
+    ref = st.SentenceTransformer(str(out), device="cpu").encode(texts)
+    ours = enc.encode(texts)
+    assert ours.shape == (4, 16)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_allclose(Encoder.load(out).encode(texts), ours, atol=1e-6)
+
+
+def _train_sentencepiece(tmp_path):
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(
+        ["the quick brown fox jumps over the lazy dog", "a tiny sentence t5 model", "hello world",
+         "padding matters here, a longer sentence than the rest", "embeddings for retrieval and similarity"] * 20))
+    prefix = tmp_path / "spiece"
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=48,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+                                   minloglevel=2)
+    return prefix.with_suffix(".model")
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_weights_file_is_named(minilm_dir, tmp_path):
+    from embedjax import Encoder
+    from embedjax.models.convert import ModelLoadError
+
+    d = _copy(minilm_dir, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: missing"):
+        Encoder.load(d)
+
+
+def test_corrupt_weights_file_is_named(minilm_dir, tmp_path):
+    from embedjax import Encoder
+    from embedjax.models.convert import ModelLoadError
+
+    d = _copy(minilm_dir, tmp_path / "m")
+    (d / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: cannot be read"):
+        Encoder.load(d)
+
+
+def test_corrupt_config_is_named(minilm_dir, tmp_path):
+    from embedjax import Encoder
+    from embedjax.models.convert import ModelLoadError
+
+    d = _copy(minilm_dir, tmp_path / "m")
+    (d / "1_Pooling" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"1_Pooling/config\.json: not valid JSON"):
+        Encoder.load(d)
+
+
+def test_unknown_architecture_lists_supported(minilm_dir, tmp_path):
+    from embedjax import Encoder
+    from embedjax.models.convert import ModelLoadError
+
+    d = _copy(minilm_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"model_type 'gpt2' is not supported; supported: bert, t5, mt5"):
+        Encoder.load(d)
+
+
+def test_weights_not_matching_config(minilm_dir, tmp_path):
+    from embedjax import Encoder
+    from embedjax.models.convert import ModelLoadError
+
+    d = _copy(minilm_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"weights missing .* does not match config\.json"):
+        Encoder.load(d)
+
+
+def test_offline_hub_id_fails_clearly(monkeypatch):
+    from embedjax import Encoder
+    from embedjax.models.convert import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="could not be fetched from the Hugging Face hub"):
+        Encoder.load("some-org/some-model-that-is-not-cached")
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        Encoder.load("./does/not/exist")
+
+
+def test_every_param_has_logical_axes():
+    import jax
+    import jax.numpy as jnp
+    import flax.linen as nn
+
+    from embedjax.models.bert import BertConfig
+    from embedjax.models.dual_encoder import DualEncoder, HeadConfig, ModelConfig
+    from embedjax.models.t5 import T5Config
+
+    for cfg in (ModelConfig("bert", BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2, intermediate_size=32)),
+                ModelConfig("t5", T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2),
+                            HeadConfig(projection_dim=8), shared_towers=False)):
+        ids = jnp.zeros((1, 4), jnp.int32)
+        variables = jax.eval_shape(lambda: DualEncoder(cfg).init(jax.random.key(0), ids, ids + 1,
+                                                                 method=DualEncoder.init_both))
+        leaves = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+        assert all(len(x.names) == x.value.ndim for x in leaves)
+        if not cfg.shared_towers:
+            assert set(variables["params"]) == {"query_tower", "document_tower"}
