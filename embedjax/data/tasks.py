@@ -1,0 +1,338 @@
+"""seqio Tasks and Mixtures for contrastive training from local files, and the bridge to the batch iterator.
+
+A task is ``TFDS dataset (tfds_builders) -> text keys -> prompt -> tokenize (the model's own tokenizer)``:
+
+    vocab = tf_tokenize.load_vocabulary(model_dir)               # same ids as the model's HF tokenizer
+    add_task("scifact", prepare_dataset("beir", "embedjax/data/shipped/scifact"), vocab,
+             prompt=prompt_preset("e5"))
+    add_task("stsb", prepare_dataset("scored_pairs", {"train": ".../stsb/train.tsv"}), vocab, symmetric=True)
+    add_mixture("mix", [("scifact", 1.0), ("stsb", 0.5)])
+    it = build_iterator("mix", "train", global_batch_size=64, max_query_length=64, max_doc_length=256)
+    batch = next(it)                                            # fixed-shape numpy arrays, see pipeline.py
+
+Output features of every task: ``query`` int32 [L], ``positive`` int32 [L], ``negatives`` int32 [K, (L)] (ragged),
+plus ``idx``, ``keys`` (int64 hashes of the raw query / document texts, for deduplication) and ``scores``.
+``sequence_length`` must give ``query`` and ``positive`` (documents, negatives included); each sequence is truncated
+to it with the model's special tokens kept, as ``tokenizer(text, truncation=True, max_length=L)`` does.
+
+Sharding over hosts is done by the data source (`LocalTfdsSource`) when seqio passes it a ``ShardInfo``:
+``shard_by="text_groups"`` (default) puts examples that share any text on the same host (connected components of
+the "shares a text" graph, assigned greedily to the least-loaded host), so deduplicating each host's batch
+deduplicates the global batch; ``shard_by="index"`` reads contiguous 1/N slices with ``tfds.even_splits`` (reads only
+its part of the files, but the same text may then land in two hosts' halves of a batch).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from embedjax.data import tf_tokenize
+from embedjax.data.pipeline import (
+    BucketFeatureConverter,
+    ContrastiveBatchIterator,
+    TokenizedSet,
+    local_batch_size,
+    validate_rates,
+)
+from embedjax.data.prompts import Prompt, strip_tf
+from embedjax.data.sources import DataError
+from embedjax.tokenize import bucket_lengths
+
+log = logging.getLogger(__name__)
+
+ShardBy = Literal["text_groups", "index"]
+_KEY_BUCKETS = 2**62
+
+
+# ------------------------------------------------------------------------------------------------ text keys
+def doc_text_tf(title: tf.Tensor, text: tf.Tensor) -> tf.Tensor:
+    """``(title + " " + text).strip()`` on string tensors (any shape, or ragged with equal row splits)."""
+    return strip_tf(tf.strings.join([title, " ", text]))
+
+
+def text_key_tf(texts: tf.Tensor) -> tf.Tensor:
+    """int64 key of each text (64-bit fingerprint of the stripped text): equal texts get equal keys."""
+    return tf.strings.to_hash_bucket_fast(strip_tf(texts), _KEY_BUCKETS)
+
+
+def example_keys_tf(ex: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    """Keys of one raw example: [query, positive document, negative documents...] (int64 [2 + K])."""
+    q = text_key_tf(ex["query"])[tf.newaxis]
+    p = text_key_tf(doc_text_tf(ex["positive_title"], ex["positive"]))[tf.newaxis]
+    n = text_key_tf(doc_text_tf(ex["negative_titles"], ex["negatives"]))
+    return tf.concat([q, p, n], axis=0)
+
+
+# ------------------------------------------------------------------------------------------------ source
+class LocalTfdsSource(seqio.DataSource):
+    """A seqio DataSource over a prepared `tfds_builders.EmbedjaxLocal` builder, with text-group-aware sharding."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, *, shard_by: ShardBy = "text_groups"):
+        if shard_by not in ("text_groups", "index"):
+            raise ValueError(f"shard_by must be 'text_groups' or 'index', got {shard_by!r}")
+        self.builder = builder
+        self.shard_by = shard_by
+        splits = tuple(builder.info.splits.keys())
+        super().__init__(splits=splits, num_input_examples={s: builder.info.splits[s].num_examples for s in splits})
+        self._owners: dict[tuple[str, int], np.ndarray] = {}
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return True
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        return [split]
+
+    def get_dataset(self, split: str = "train", shuffle: bool = False, seed: int | None = None,
+                    shard_info: seqio.ShardInfo | None = None, *, sequence_length: Any = None,
+                    use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
+        """Examples of `split` in file order (`shuffle` is ignored: the batch iterator orders them)."""
+        if split not in self.splits:
+            raise DataError(f"split {split!r} not in this dataset (has {list(self.splits)})")
+        read = tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1)
+        if shard_info is None or shard_info.num_shards == 1:
+            return self.builder.as_dataset(split=split, shuffle_files=False, read_config=read)
+        if self.shard_by == "index":
+            part = tfds.even_splits(split, shard_info.num_shards)[shard_info.index]
+            return self.builder.as_dataset(split=part, shuffle_files=False, read_config=read)
+        owner = tf.constant(self.shard_owners(split, shard_info.num_shards), tf.int32)
+        ds = self.builder.as_dataset(split=split, shuffle_files=False, read_config=read)
+        return ds.filter(lambda ex: tf.equal(tf.gather(owner, ex["idx"]), shard_info.index))
+
+    def shard_owners(self, split: str, num_shards: int) -> np.ndarray:
+        """Host of each example (int32 [n]) such that examples sharing any text have the same host."""
+        key = (split, num_shards)
+        if key not in self._owners:
+            self._owners[key] = _text_group_owners(self.builder, split, num_shards)
+        return self._owners[key]
+
+
+def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards: int) -> np.ndarray:
+    n = builder.info.splits[split].num_examples
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    ds = ds.map(lambda ex: {"idx": ex["idx"], "keys": example_keys_tf(ex)}, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True).ragged_batch(4096)
+    parent = np.arange(n)
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    first: dict[int, int] = {}
+    for b in ds:
+        for i, ks in zip(b["idx"].numpy().tolist(), b["keys"].to_list()):
+            for k in ks:
+                j = first.setdefault(k, i)
+                if j != i:
+                    ra, rb = find(int(i)), find(j)
+                    if ra != rb:
+                        parent[max(ra, rb)] = min(ra, rb)
+    roots = np.fromiter((find(i) for i in range(n)), np.int64, n)
+    uniq, inverse, sizes = np.unique(roots, return_inverse=True, return_counts=True)
+    if len(uniq) < num_shards:
+        raise DataError(f"{builder.info.full_name} ({split}): only {len(uniq)} group(s) of examples that share no text, "
+                        f"fewer than the {num_shards} hosts; use shard_by='index' or fewer hosts")
+    order = sorted(range(len(uniq)), key=lambda g: (-sizes[g], uniq[g]))  # big groups first, ties by first row
+    load = np.zeros(num_shards, np.int64)
+    group_owner = np.zeros(len(uniq), np.int32)
+    for g in order:
+        h = int(np.argmin(load))  # least loaded host, lowest index on ties
+        group_owner[g] = h
+        load[h] += sizes[g]
+    if load.max() > 1.2 * load.mean():
+        log.warning("%s (%s): text groups split unevenly over %d hosts (examples per host %s)", builder.info.full_name,
+                    split, num_shards, load.tolist())
+    return group_owner[inverse]
+
+
+# ------------------------------------------------------------------------------------------------ preprocessors
+def add_text_keys(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Adds ``keys`` (int64 [2 + K]) computed from the raw texts, before any prompt."""
+    return ds.map(lambda ex: dict(ex, keys=example_keys_tf(ex)), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def apply_prompt(ds: tf.data.Dataset, prompt: Prompt, symmetric: bool = False) -> tf.data.Dataset:
+    """Formats ``query`` with the query template and ``positive`` / ``negatives`` with the document template (or the
+    query template too when `symmetric`, e.g. STS sentence pairs)."""
+    def fmt(ex: dict) -> dict:
+        ex = dict(ex)
+        ex["query"] = prompt.format_query_tf(ex["query"])
+        if symmetric:
+            ex["positive"] = prompt.format_query_tf(ex["positive"])
+            ex["negatives"] = prompt.format_query_tf(ex["negatives"])
+        else:
+            ex["positive"] = prompt.format_document_tf(ex["positive"], ex["positive_title"])
+            ex["negatives"] = prompt.format_document_tf(ex["negatives"], ex["negative_titles"])
+        return ex
+    return ds.map(fmt, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+_KEEP = ("idx", "keys", "scores")
+
+
+def tokenize_pairs(ds: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                   sequence_length: Mapping[str, int] | None, batch_size: int = 256) -> tf.data.Dataset:
+    """Tokenizes query / positive / negatives with the model's special tokens, truncated to ``sequence_length``
+    (vectorised over `batch_size` examples at a time)."""
+    if not sequence_length or "query" not in sequence_length or "positive" not in sequence_length:
+        raise ValueError("sequence_length must give 'query' and 'positive' lengths, e.g. {'query': 64, 'positive': 256}")
+    vocab = output_features["query"].vocabulary
+    lq, ld = int(sequence_length["query"]), int(sequence_length["positive"])
+
+    def tok(b: dict) -> dict:
+        out = {k: b[k] for k in _KEEP}
+        out["query"] = tf_tokenize.encode_tf(vocab, b["query"], lq)
+        out["positive"] = tf_tokenize.encode_tf(vocab, b["positive"], ld)
+        negs = b["negatives"]  # [B, (K)]
+        ids = tf_tokenize.encode_tf(vocab, negs.flat_values, ld)  # [sum K, (L)]
+        out["negatives"] = tf.RaggedTensor.from_row_splits(ids, negs.row_splits)
+        return out
+
+    ds = ds.map(lambda ex: {k: ex[k] for k in _KEEP + ("query", "positive", "negatives")})
+    return ds.ragged_batch(batch_size).map(tok, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def add_task(name: str, source: LocalTfdsSource | tfds.core.DatasetBuilder, vocabulary: tf_tokenize.ModelVocabulary,
+             *, prompt: Prompt | None = None, symmetric: bool = False, shard_by: ShardBy = "text_groups",
+             replace: bool = True) -> seqio.Task:
+    """Registers a contrastive-pairs seqio Task (see module docstring) and returns it."""
+    if not hasattr(vocabulary, "spec"):
+        raise TypeError("vocabulary must come from embedjax.data.tf_tokenize.load_vocabulary / make_vocabulary "
+                        f"(it carries the model's special tokens), got {type(vocabulary).__name__}")
+    if not isinstance(source, LocalTfdsSource):
+        source = LocalTfdsSource(source, shard_by=shard_by)
+    if name in seqio.TaskRegistry.names():
+        if not replace:
+            raise ValueError(f"seqio task {name!r} is already registered")
+        seqio.TaskRegistry.remove(name)
+    feats = {"query": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+             "positive": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+             "negatives": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32, rank=2, required=False)}
+    return seqio.TaskRegistry.add(
+        name, source=source, output_features=feats, shuffle_buffer_size=None,
+        preprocessors=[add_text_keys, functools.partial(apply_prompt, prompt=prompt or Prompt(), symmetric=symmetric),
+                       tokenize_pairs])
+
+
+def add_mixture(name: str, tasks: Sequence[tuple[str, float]], *, replace: bool = True) -> seqio.Mixture:
+    """Registers a seqio Mixture after checking the rates (finite, >= 0, not all 0)."""
+    validate_rates(dict(tasks), f"mixture {name!r}")
+    if name in seqio.MixtureRegistry.names():
+        if not replace:
+            raise ValueError(f"seqio mixture {name!r} is already registered")
+        seqio.MixtureRegistry.remove(name)
+    return seqio.MixtureRegistry.add(name, list(tasks))
+
+
+def task_rates(name: str) -> dict[str, float]:
+    """Task name -> rate of a registered Task (rate 1) or Mixture (sub-mixtures flattened)."""
+    provider = seqio.get_mixture_or_task(name)
+    if isinstance(provider, seqio.Task):
+        return {provider.name: 1.0}
+    try:
+        return {t.name: float(provider.get_rate(t)) for t in provider.tasks}
+    except ZeroDivisionError:
+        raise DataError(f"mixture {name!r}: a sub-mixture has every rate 0") from None
+
+
+# ------------------------------------------------------------------------------------------------ to numpy
+def to_tokenized_set(ds: tf.data.Dataset, batch_size: int = 1024) -> TokenizedSet:
+    """A tokenized task dataset (output of `tokenize_pairs`) -> `TokenizedSet`, ordered by ``idx``."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("idx", "q", "ql", "p", "pl", "n", "nl", "nk", "k", "kl",
+                                                            "s", "sl")}
+    for b in ds.ragged_batch(batch_size):
+        parts["idx"].append(b["idx"].numpy())
+        for f, a, l in (("query", "q", "ql"), ("positive", "p", "pl"), ("keys", "k", "kl"), ("scores", "s", "sl")):
+            r = b[f]
+            parts[a].append(r.flat_values.numpy())
+            parts[l].append(r.row_lengths().numpy())
+        negs = b["negatives"]  # [B, (K), (L)]
+        parts["nk"].append(negs.row_lengths().numpy())
+        parts["n"].append(negs.flat_values.numpy())
+        parts["nl"].append(negs.values.row_lengths().numpy())
+    if not parts["idx"]:
+        return TokenizedSet.from_lists([], [], [])
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    ts = TokenizedSet(cat["idx"].astype(np.int64), cat["q"].astype(np.int32), _off(cat["ql"]),
+                      cat["p"].astype(np.int32), _off(cat["pl"]), cat["n"].astype(np.int32), _off(cat["nl"]),
+                      _off(cat["nk"]), cat["k"].astype(np.int64), _off(cat["kl"]), cat["s"].astype(np.float32),
+                      _off(cat["sl"]))
+    order = np.argsort(ts.idx, kind="stable")
+    if np.any(order != np.arange(len(order))):
+        ts = _reorder(ts, order)
+    ts.validate()
+    return ts
+
+
+def _off(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def _reorder(ts: TokenizedSet, order: np.ndarray) -> TokenizedSet:
+    def take(data: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = [data[off[i]:off[i + 1]] for i in order]
+        return (np.concatenate(rows) if rows else data[:0]), _off(np.asarray([len(r) for r in rows], np.int64))
+
+    q, qo = take(ts.query_ids, ts.query_off)
+    p, po = take(ts.pos_ids, ts.pos_off)
+    k, ko = take(ts.keys, ts.key_off)
+    s, so = take(ts.scores, ts.score_off)
+    rows = [list(range(ts.neg_row_off[i], ts.neg_row_off[i + 1])) for i in order]
+    flat_rows = [r for rr in rows for r in rr]
+    n = np.concatenate([ts.neg_ids[ts.neg_off[r]:ts.neg_off[r + 1]] for r in flat_rows]) if flat_rows else ts.neg_ids[:0]
+    no = _off(np.asarray([ts.neg_off[r + 1] - ts.neg_off[r] for r in flat_rows], np.int64))
+    return TokenizedSet(ts.idx[order], q, qo, p, po, n, no, _off(np.asarray([len(r) for r in rows], np.int64)),
+                        k, ko, s, so)
+
+
+def load_tokenized(name: str, split: str, sequence_length: Mapping[str, int], *, shard_index: int = 0,
+                   num_shards: int = 1) -> dict[str, TokenizedSet]:
+    """Runs each task of a registered Task / Mixture (rate > 0) on this host's shard and returns its tokens."""
+    rates = validate_rates(task_rates(name), f"{name!r}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+    shard = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None
+    out: dict[str, TokenizedSet] = {}
+    for t in sorted(rates):
+        task = seqio.TaskRegistry.get(t)
+        ds = task.get_dataset(sequence_length=dict(sequence_length), split=split, shuffle=False, num_epochs=1,
+                              shard_info=shard, trim_output_features=False, use_cached=False)
+        out[t] = to_tokenized_set(ds)
+        if not len(out[t]):
+            raise DataError(f"task {t!r} ({split}): no examples on host {shard_index} of {num_shards}")
+    return out
+
+
+def build_iterator(name: str, split: str, *, global_batch_size: int, max_query_length: int, max_doc_length: int,
+                   num_negatives: int = 0, group_by_task: bool = True, dedup: bool = True, seed: int = 0,
+                   process_index: int | None = None, process_count: int | None = None,
+                   min_bucket: int = 16) -> ContrastiveBatchIterator:
+    """The training iterator of this process: its shard of every task of `name`, batches of
+    ``global_batch_size / process_count`` rows padded to bucket lengths (defaults: ``jax.process_index()`` /
+    ``jax.process_count()``)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    local = local_batch_size(global_batch_size, process_count)
+    rates = validate_rates(task_rates(name), f"{name!r}")
+    data = load_tokenized(name, split, {"query": max_query_length, "positive": max_doc_length},
+                          shard_index=process_index, num_shards=process_count)
+    vocab = seqio.TaskRegistry.get(sorted(rates)[0]).output_features["query"].vocabulary
+    conv = BucketFeatureConverter([b for b in bucket_lengths(max_query_length) if b >= min(min_bucket, max_query_length)],
+                                  [b for b in bucket_lengths(max_doc_length) if b >= min(min_bucket, max_doc_length)],
+                                  num_negatives=num_negatives, pad_id=vocab.spec.pad_id, task_names=sorted(rates))
+    return ContrastiveBatchIterator(data, local, rates=rates, converter=conv, num_negatives=num_negatives,
+                                    group_by_task=group_by_task, dedup=dedup, seed=seed)

@@ -1,0 +1,143 @@
+"""The only module that knows physical mesh axes.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + parameter sharding), `tensor` (tensor parallel).
+Models annotate parameters with logical names (see embedjax.models.layers); `LOGICAL_RULES` maps them to mesh
+axes. Batches are sharded over ("data", "fsdp").
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). One table for every model.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("proj", "tensor"),
+    ("pos", None),
+    ("norm", None),
+)
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. One entry may be -1 (all remaining devices)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ShardingError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
+        dims = [int(shape.get(a, 1)) for a in MESH_AXES]
+    else:
+        dims = [int(x) for x in shape]
+        if len(dims) != 3:
+            raise ShardingError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {dims}")
+    if dims.count(-1) > 1:
+        raise ShardingError(f"at most one mesh axis may be -1, got {dims}")
+    if -1 in dims:
+        rest = math.prod(d for d in dims if d != -1)
+        if len(devices) % rest:
+            raise ShardingError(f"{len(devices)} devices cannot be split as {dims}")
+        dims[dims.index(-1)] = len(devices) // rest
+    if math.prod(dims) != len(devices):
+        raise ShardingError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, "
+                            f"{len(devices)} available")
+    try:
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_device_mesh(dims, devices=devices)
+    except Exception:  # non-TPU or odd topologies
+        arr = np.asarray(devices).reshape(dims)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _rules_dict(rules: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(rules)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                    rules: Iterable[tuple[str, Any]] = LOGICAL_RULES, what: str = "array") -> P:
+    """PartitionSpec for an array with logical axis `names`.
+
+    Fails loudly when two logical axes land on the same mesh axis. A dimension not divisible by its mesh
+    axes' size is replicated instead (logged), so odd vocabularies still work.
+    """
+    table = _rules_dict(rules)
+    used: dict[str, str] = {}
+    spec: list[Any] = []
+    for i, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ShardingError(f"{what}: logical axis {name!r} has no rule; known: {sorted(table)}")
+        target = table[name]
+        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        for a in axes:
+            if a in used:
+                raise ShardingError(f"{what}: logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r}")
+            used[a] = name
+        if mesh is not None and shape is not None and axes:
+            size = math.prod(mesh.shape[a] for a in axes)
+            if shape[i] % size:
+                log.debug("%s: dim %d (%s=%d) not divisible by %s=%d; replicated", what, i, name, shape[i], axes, size)
+                spec.append(None)
+                continue
+        spec.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*spec)
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh, rules: Iterable[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+    """NamedShardings for a (possibly abstract) params tree whose leaves are flax LogicallyPartitioned boxes.
+    Unboxed leaves are replicated."""
+    import flax.linen as nn
+
+    rules = tuple(rules)
+
+    def one(path, leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            spec = logical_to_spec(leaf.names, leaf.value.shape, mesh, rules, what=jax.tree_util.keystr(path))
+            return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, boxed_params,
+                                            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dim over the data axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Per-host numpy batch -> global jax arrays sharded over the data axes (each host passes its own rows)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Inside jit: keep the leading dim sharded over the data axes (needs an active mesh context)."""
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))

@@ -1,0 +1,218 @@
+"""The jitted training step: pure, donated state, device-side metrics, optional gradient caching.
+
+Batch layout (global arrays, leading dim sharded over the data axes):
+  query_ids / query_mask        [B, Lq] int32
+  document_ids / document_mask  [B, Ld] int32
+  negative_ids / negative_mask  [B, K, Ln] int32   (optional hard negatives)
+  label                         [B] float32        (optional: scored pairs, e.g. STS-B)
+  teacher_scores                [B, N] float32     (optional: distillation targets over in-batch candidates)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from embedjax import sharding
+from embedjax.models.dual_encoder import DualEncoder, ModelConfig
+
+Objective = Callable[[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]],
+                     tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict          # {"model": ..., "loss": {...learned loss parameters...}}
+    opt_state: Any
+
+
+def _tree_norm(tree: Any) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+# --------------------------------------------------------------------------------------------- embedding
+
+def _embed_fn(model: DualEncoder):
+    def embed(model_params, ids_BxL, mask_BxL, tower: str) -> jax.Array:
+        return model.apply({"params": model_params}, ids_BxL, mask_BxL, tower=tower)
+    return embed
+
+
+def _towers(batch: dict[str, jax.Array]) -> list[tuple[str, str, str]]:
+    """(output key, batch prefix, tower) for every tower input present."""
+    out = [("query", "query", "query"), ("document", "document", "document")]
+    if "negative_ids" in batch:
+        out.append(("negatives", "negative", "document"))
+    return out
+
+
+def _flat(ids: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """[B, K, L] -> [B*K, L] (hard negatives embed like documents)."""
+    lead = ids.shape[:-1]
+    return ids.reshape(-1, ids.shape[-1]), lead
+
+
+def _chunks(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...] taking rows j, n+j, 2n+j ... into chunk j, so every chunk keeps rows from every
+    data shard (no cross-device movement when B is sharded in contiguous blocks)."""
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _unchunks(x: jax.Array) -> jax.Array:
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+# --------------------------------------------------------------------------------------------- state
+
+def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shards: Any, mesh) -> Any:
+    """Optimizer-state leaves shaped like their parameter get the parameter's sharding; the rest replicate."""
+    p_def = jax.tree.structure(abstract_params)
+    p_leaves = jax.tree.leaves(abstract_params)
+    s_leaves = jax.tree.leaves(param_shards, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    rep = sharding.replicated(mesh)
+
+    def match(sub):
+        if jax.tree.structure(sub) == p_def:
+            return jax.tree.unflatten(p_def, [s if getattr(l, "shape", None) == p.shape else rep
+                                              for l, p, s in zip(jax.tree.leaves(sub), p_leaves, s_leaves)])
+        return None
+
+    def walk(node):
+        m = match(node)
+        if m is not None:
+            return m
+        children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+        if treedef.num_leaves == 1 and len(children) == 1 and children[0] is node:
+            return rep
+        if not children and jax.tree_util.treedef_is_leaf(treedef):
+            return rep
+        return jax.tree.unflatten(treedef, [walk(c) for c in children])
+
+    return walk(abstract_opt_state)
+
+
+def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.GradientTransformation, mesh,
+                       rng: jax.Array, pretrained: dict | None = None, seq_len: int = 8
+                       ) -> tuple[TrainState, TrainState]:
+    """Abstract first: shapes -> shardings -> jitted init with out_shardings. Returns (state, state_shardings).
+    `pretrained` (the DualEncoder params tree, e.g. from Encoder.load) replaces the random init."""
+    model = DualEncoder(model_cfg)
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+
+    def init_boxed(rng):
+        return model.init(rng, ids, jnp.ones_like(ids), method=DualEncoder.init_both)["params"]
+
+    boxed = jax.eval_shape(init_boxed, rng)
+    model_shards = sharding.param_shardings(boxed, mesh)
+    abstract_model = nn.meta.unbox(boxed)
+    loss_params = {k: jnp.asarray(v, jnp.float32) for k, v in loss_params.items()}
+    params_shards = {"model": model_shards, "loss": {k: sharding.replicated(mesh) for k in loss_params}}
+
+    if pretrained is not None:
+        want = jax.tree.structure(abstract_model)
+        if jax.tree.structure(pretrained) != want:
+            raise ValueError("pretrained params do not match the model config's structure")
+        for a, b in zip(jax.tree.leaves(abstract_model), jax.tree.leaves(pretrained)):
+            if tuple(a.shape) != tuple(np.shape(b)):
+                raise ValueError(f"pretrained param shape {np.shape(b)} != model shape {a.shape}")
+        model_params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), pretrained), model_shards)
+        init_model = lambda rng: model_params  # noqa: E731
+    else:
+        init_model = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=model_shards)
+
+    params = {"model": init_model(rng), "loss": jax.device_put(loss_params, params_shards["loss"])}
+    abstract_params = jax.eval_shape(lambda: params)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shards = opt_state_shardings(abstract_opt, abstract_params, params_shards, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shards)(params)
+    rep = sharding.replicated(mesh)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state)
+    shards = TrainState(step=rep, params=params_shards, opt_state=opt_shards)
+    return state, shards
+
+
+# --------------------------------------------------------------------------------------------- step
+
+def make_train_step(model_cfg: ModelConfig, objective: Objective, tx: optax.GradientTransformation, *,
+                    grad_cache_chunks: int = 0, lr_schedule: Callable[[jax.Array], jax.Array] | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns step(state, batch) -> (new_state, metrics); jit it with `jit_train_step`.
+
+    grad_cache_chunks > 1 turns on gradient caching: embeddings are computed chunk by chunk without keeping
+    activations, the loss gradient is taken w.r.t. the embeddings, then each chunk is recomputed with `vjp`.
+    """
+    model = DualEncoder(model_cfg)
+    embed = _embed_fn(model)
+
+    def forward_all(model_params, batch):
+        embs = {}
+        for key, prefix, tower in _towers(batch):
+            ids, lead = _flat(batch[f"{prefix}_ids"])
+            mask, _ = _flat(batch[f"{prefix}_mask"])
+            embs[key] = embed(model_params, ids, mask, tower).reshape(*lead, -1)
+        return embs
+
+    def plain(params, batch):
+        def total(p):
+            return objective(forward_all(p["model"], batch), p["loss"], batch)
+        (loss, metrics), grads = jax.value_and_grad(total, has_aux=True)(params)
+        return loss, metrics, grads
+
+    def cached(params, batch):
+        n = grad_cache_chunks
+        mp = params["model"]
+        embs, inputs = {}, {}
+        for key, prefix, tower in _towers(batch):
+            ids, lead = _flat(batch[f"{prefix}_ids"])
+            mask, _ = _flat(batch[f"{prefix}_mask"])
+            if ids.shape[0] % n:
+                raise ValueError(f"grad cache: {prefix} batch {ids.shape[0]} not divisible by {n} chunks")
+            ids_c, mask_c = _chunks(ids, n), _chunks(mask, n)
+            e = jax.lax.map(lambda xs, t=tower: embed(mp, xs[0], xs[1], t), (ids_c, mask_c))
+            embs[key] = jax.lax.stop_gradient(_unchunks(e)).reshape(*lead, -1)
+            inputs[key] = (ids_c, mask_c, tower, lead)
+
+        def on_embs(e, lp):
+            return objective(e, lp, batch)
+        (loss, metrics), (g_embs, g_loss) = jax.value_and_grad(on_embs, argnums=(0, 1), has_aux=True)(
+            embs, params["loss"])
+        g_model = jax.tree.map(jnp.zeros_like, mp)
+        for key, (ids_c, mask_c, tower, lead) in inputs.items():
+            g_c = _chunks(g_embs[key].reshape(-1, g_embs[key].shape[-1]), n)
+
+            def body(acc, xs, tower=tower):
+                i, m, g = xs
+                _, vjp = jax.vjp(lambda p: embed(p, i, m, tower), mp)
+                return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
+
+            g_model, _ = jax.lax.scan(body, g_model, (ids_c, mask_c, g_c))
+        return loss, metrics, {"model": g_model, "loss": g_loss}
+
+    compute = cached if grad_cache_chunks and grad_cache_chunks > 1 else plain
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        loss, metrics, grads = compute(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics)
+        metrics.update(loss=loss, grad_norm=_tree_norm(grads), param_norm=_tree_norm(params["model"]),
+                       update_norm=_tree_norm(updates))
+        if "log_t" in params["loss"]:
+            metrics["temperature"] = jnp.exp(params["loss"]["log_t"])
+        if lr_schedule is not None:
+            metrics["learning_rate"] = lr_schedule(state.step)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def jit_train_step(step_fn, state_shardings: TrainState, mesh):
+    """jit with donated state; batch shardings come from the (already sharded) input arrays."""
+    return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)))

@@ -1,0 +1,72 @@
+"""``embedjax eval`` subcommand (with a stand-in encoder, so it runs before embedjax.Encoder lands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from _eval_helpers import HashEncoder
+
+from embedjax.evaluate import cli
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def parser(monkeypatch):
+    enc = HashEncoder()
+    monkeypatch.setattr(cli, "load_encoder", lambda model: enc)
+    p = argparse.ArgumentParser(prog="embedjax")
+    cli.add_parser(p.add_subparsers(dest="command", required=True))
+    p.encoder = enc
+    return p
+
+
+def test_eval_beir_writes_json_and_table(parser, tmp_path, capsys):
+    out = tmp_path / "m" / "metrics.json"
+    args = parser.parse_args(["eval", "--model", "some/model", "--task", "beir", "--data", str(DATA / "toy_beir"),
+                              "--split", "test", "--output", str(out), "--cache-dir", str(tmp_path / "cache"),
+                              "--query-prompt", "query: ", "--document-prompt", "passage: ", "--no-progress"])
+    metrics = args.func(args)
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == metrics and saved["main_metric"] == "ndcg@10"
+    assert saved["task"] == "beir" and saved["query_prompt"] == "query: "
+    text = capsys.readouterr().out
+    assert "toy_beir-test  (metrics x100)" in text
+    row = next(line.split() for line in text.splitlines() if line.startswith("ndcg@10 "))
+    assert row == ["ndcg@10", f"{100 * metrics['ndcg@10']:.2f}"]
+    assert next(line.split() for line in text.splitlines() if line.startswith("n_queries ")) == ["n_queries", "5"]
+    assert "corpus embeddings: encoded" in text
+    assert metrics["n_queries"] == 5
+    # The second run reads the corpus from the cache.
+    args.func(args)
+    assert "corpus embeddings: read from cache" in capsys.readouterr().out
+    assert parser.encoder.n_encoded("document") == 8
+
+
+def test_eval_stsb(parser, tmp_path, capsys):
+    args = parser.parse_args(["eval", "--model", "m", "--task", "stsb", "--data", str(DATA / "sts_toy.tsv"),
+                              "--no-progress"])
+    metrics = args.func(args)
+    assert set(metrics) == {"spearman", "pearson", "n_pairs"}
+    assert f"{100 * metrics['spearman']:.2f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--task", "beir", "--data", "DATA/toy_beir", "--split", "dev"], "qrels file not found"),
+        (["--task", "stsb", "--data", "DATA/nope"], "STS data not found"),
+        (["--task", "stsb", "--data", "DATA/sts_toy.tsv", "--query-prompt", "q: "], "apply to --task beir only"),
+    ],
+)
+def test_bad_input_exits_with_one_line(parser, capsys, extra, message):
+    extra = [e.replace("DATA", str(DATA)) for e in extra]
+    args = parser.parse_args(["eval", "--model", "m", "--no-progress", *extra])
+    with pytest.raises(SystemExit) as e:
+        args.func(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
