@@ -2,10 +2,9 @@
 
 Batch layout (global arrays, leading dim sharded over the data axes):
   query_ids / query_mask        [B, Lq] int32
-  document_ids / document_mask  [B, Ld] int32
+  positive_ids / positive_mask  [B, Ld] int32   (the positive documents)
   negative_ids / negative_mask  [B, K, Ln] int32   (optional hard negatives)
-  label                         [B] float32        (optional: scored pairs, e.g. STS-B)
-  teacher_scores                [B, N] float32     (optional: distillation targets over in-batch candidates)
+  scores, scores_valid          [B, 1+K]           (optional: gold or teacher scores of positive + negatives)
 """
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ def _embed_fn(model: DualEncoder):
 
 def _towers(batch: dict[str, jax.Array]) -> list[tuple[str, str, str]]:
     """(output key, batch prefix, tower) for every tower input present."""
-    out = [("query", "query", "query"), ("document", "document", "document")]
+    out = [("query", "query", "query"), ("document", "positive", "document")]
     if "negative_ids" in batch:
         out.append(("negatives", "negative", "document"))
     return out

@@ -4,8 +4,8 @@
     embedjax eval --model PATH --task beir --data DIR --split test [--query-prompt "query: "] \\
         [--document-prompt "passage: "] [--output metrics.json] [--cache-dir DIR]
 
-Wired into the top-level CLI with ``add_parser(subparsers)``; ``run(args)`` does the work and returns the
-metrics. Values in the JSON are fractions; the table shows them x100.
+Wired into the top-level CLI with ``add_parser(subparsers)``; ``run(args)`` is the subcommand (returns the
+exit status), ``evaluate(args)`` does the work and returns the metrics. Values in the JSON are fractions; the table shows them x100.
 """
 
 from __future__ import annotations
@@ -87,8 +87,15 @@ def format_table(task: str, metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
-    """Runs one evaluation; prints the table and writes ``--output``. Bad input exits with a one-line error."""
+def run(args: argparse.Namespace) -> int:
+    """The subcommand: runs :func:`evaluate`, returns exit status 0."""
+    evaluate(args)
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, float]:
+    """Runs one evaluation; prints the table, writes ``--output``, returns the metrics. Bad input exits
+    with status 2 and a one-line message naming the file (and line)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.task == "stsb" and (args.query_prompt or args.document_prompt):
         print("embedjax eval: --query-prompt/--document-prompt apply to --task beir only", file=sys.stderr)

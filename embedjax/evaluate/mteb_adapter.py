@@ -64,14 +64,14 @@ class MTEBEncoder(AbsEncoder):
         if "/" not in model_name:  # mteb expects "organization/model"
             model_name = f"embedjax/{model_name}"
         self.mteb_model_meta = ModelMeta.create_empty(
-            overwrites=dict(
-                name=model_name,
-                revision=str(fingerprint)[:40] if fingerprint else None,
-                max_tokens=getattr(encoder, "max_length", None),
-                similarity_fn_name=ScoringFunction.COSINE if similarity == "cosine" else ScoringFunction.DOT_PRODUCT,
-                framework=["JAX"],
-                use_instructions=bool(query_prompt or document_prompt or model_prompts),
-            )
+            overwrites={
+                "name": model_name,
+                "revision": str(fingerprint)[:40] if fingerprint else None,
+                "max_tokens": getattr(encoder, "max_length", None),
+                "similarity_fn_name": ScoringFunction.COSINE if similarity == "cosine" else ScoringFunction.DOT_PRODUCT,
+                "framework": ["JAX"],
+                "use_instructions": bool(query_prompt or document_prompt or model_prompts),
+            }
         )
 
     def _prompt(self, task_metadata: Any, prompt_type: PromptType | None) -> str | None:

@@ -186,7 +186,7 @@ class BeirData:
     source: str = "<memory>"
 
     @classmethod
-    def load(cls, data_dir: str | os.PathLike, split: str = "test") -> "BeirData":
+    def load(cls, data_dir: str | os.PathLike, split: str = "test") -> BeirData:
         d = Path(data_dir)
         if not d.is_dir():
             raise FileNotFoundError(f"BEIR folder not found: {d}")
@@ -201,7 +201,7 @@ class BeirData:
         queries: Mapping[str, str],
         qrels: Mapping[str, Mapping[str, int]],
         source: str = "<memory>",
-    ) -> "BeirData":
+    ) -> BeirData:
         """From BEIR-style dicts: ``corpus = {id: {"title": ..., "text": ...} or text}``."""
         ids, titles, texts = [], [], []
         for doc_id, doc in corpus.items():
@@ -403,7 +403,7 @@ class _CacheWriter:
 def _open_cached(path: Path, n_rows: int) -> tuple[Any, int] | None:
     """Opens a cache file positioned at its data; None (with a warning) if it is unreadable or mismatched."""
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - handed to the caller, who closes it
     except OSError:
         return None
     try:
@@ -415,7 +415,7 @@ def _open_cached(path: Path, n_rows: int) -> tuple[Any, int] | None:
         if os.fstat(f.fileno()).st_size - f.tell() != shape[0] * shape[1] * 4:
             raise ValueError("truncated")
         return f, int(shape[1])
-    except Exception as e:  # a damaged cache entry is re-encoded, never fatal
+    except (OSError, ValueError) as e:  # a damaged cache entry is re-encoded, never fatal
         f.close()
         logger.warning("ignoring corpus cache %s: %s", path, e)
         return None
@@ -474,7 +474,7 @@ class RetrievalEvaluator(Evaluator):
             raise ValueError(f"k_values must be positive, got {k_values!r}")
         self.data = data
         self.name = name
-        self.k_values = tuple(sorted(set(int(k) for k in k_values)))
+        self.k_values = tuple(sorted({int(k) for k in k_values}))
         self.query_prompt = query_prompt
         self.document_prompt = document_prompt
         self.score_function = score_function
@@ -491,7 +491,7 @@ class RetrievalEvaluator(Evaluator):
         self._check_qrels()
 
     @classmethod
-    def from_beir(cls, data_dir: str | os.PathLike, split: str = "test", **kwargs: Any) -> "RetrievalEvaluator":
+    def from_beir(cls, data_dir: str | os.PathLike, split: str = "test", **kwargs: Any) -> RetrievalEvaluator:
         kwargs.setdefault("name", f"{Path(data_dir).name}-{split}")
         return cls(BeirData.load(data_dir, split), **kwargs)
 

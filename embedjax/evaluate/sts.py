@@ -120,7 +120,7 @@ class STSEvaluator(Evaluator):
         self.show_progress = show_progress
 
     @classmethod
-    def from_file(cls, data: str | os.PathLike, split: str = "test", **kwargs) -> "STSEvaluator":
+    def from_file(cls, data: str | os.PathLike, split: str = "test", **kwargs) -> STSEvaluator:
         path = resolve_sts_path(data, split)
         kwargs.setdefault("name", f"stsb-{split}" if Path(data).is_dir() else path.stem)
         return cls(read_stsb(path), **kwargs)

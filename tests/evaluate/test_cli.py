@@ -29,7 +29,7 @@ def test_eval_beir_writes_json_and_table(parser, tmp_path, capsys):
     args = parser.parse_args(["eval", "--model", "some/model", "--task", "beir", "--data", str(DATA / "toy_beir"),
                               "--split", "test", "--output", str(out), "--cache-dir", str(tmp_path / "cache"),
                               "--query-prompt", "query: ", "--document-prompt", "passage: ", "--no-progress"])
-    metrics = args.func(args)
+    metrics = cli.evaluate(args)
     saved = json.loads(out.read_text())
     assert saved["metrics"] == metrics and saved["main_metric"] == "ndcg@10"
     assert saved["task"] == "beir" and saved["query_prompt"] == "query: "
@@ -40,8 +40,8 @@ def test_eval_beir_writes_json_and_table(parser, tmp_path, capsys):
     assert next(line.split() for line in text.splitlines() if line.startswith("n_queries ")) == ["n_queries", "5"]
     assert "corpus embeddings: encoded" in text
     assert metrics["n_queries"] == 5
-    # The second run reads the corpus from the cache.
-    args.func(args)
+    # The second run, through the subcommand entry point, reads the corpus from the cache.
+    assert args.func(args) == 0
     assert "corpus embeddings: read from cache" in capsys.readouterr().out
     assert parser.encoder.n_encoded("document") == 8
 
@@ -49,7 +49,7 @@ def test_eval_beir_writes_json_and_table(parser, tmp_path, capsys):
 def test_eval_stsb(parser, tmp_path, capsys):
     args = parser.parse_args(["eval", "--model", "m", "--task", "stsb", "--data", str(DATA / "sts_toy.tsv"),
                               "--no-progress"])
-    metrics = args.func(args)
+    metrics = cli.evaluate(args)
     assert set(metrics) == {"spearman", "pearson", "n_pairs"}
     assert f"{100 * metrics['spearman']:.2f}" in capsys.readouterr().out
 
@@ -66,7 +66,20 @@ def test_bad_input_exits_with_one_line(parser, capsys, extra, message):
     extra = [e.replace("DATA", str(DATA)) for e in extra]
     args = parser.parse_args(["eval", "--model", "m", "--no-progress", *extra])
     with pytest.raises(SystemExit) as e:
-        args.func(args)
+        cli.evaluate(args)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_through_top_level_cli(monkeypatch, tmp_path, capsys):
+    top = pytest.importorskip("embedjax.cli")
+    monkeypatch.setattr(cli, "load_encoder", lambda model: HashEncoder())
+    monkeypatch.setenv("EMBEDJAX_COMPILATION_CACHE", "0")
+    out = tmp_path / "metrics.json"
+    assert top.main(["eval", "--model", "m", "--task", "stsb", "--data", str(DATA / "sts_toy.tsv"),
+                     "--output", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["metrics"]["n_pairs"] == 12
+    with pytest.raises(SystemExit) as e:
+        top.main(["eval", "--model", "m", "--task", "beir", "--data", str(tmp_path), "--no-progress"])
+    assert e.value.code == 2 and "qrels file not found" in capsys.readouterr().err

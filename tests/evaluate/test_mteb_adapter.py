@@ -10,35 +10,35 @@ import pytest
 mteb = pytest.importorskip("mteb")
 datasets = pytest.importorskip("datasets")
 
-from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
-from mteb.abstasks.sts import AbsTaskSTS  # noqa: E402
-from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
-from mteb.types import PromptType  # noqa: E402
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.sts import AbsTaskSTS
+from mteb.abstasks.task_metadata import TaskMetadata
+from mteb.types import PromptType
 
-from embedjax.evaluate.base import encode_fn_from_encoder  # noqa: E402
-from embedjax.evaluate.mteb_adapter import MTEBEncoder  # noqa: E402
-from embedjax.evaluate.retrieval import BeirData, RetrievalEvaluator  # noqa: E402
-from embedjax.evaluate.sts import STSEvaluator, read_stsb  # noqa: E402
+from embedjax.evaluate.base import encode_fn_from_encoder
+from embedjax.evaluate.mteb_adapter import MTEBEncoder
+from embedjax.evaluate.retrieval import BeirData, RetrievalEvaluator
+from embedjax.evaluate.sts import STSEvaluator, read_stsb
 
 DATA = Path(__file__).parent / "data"
 
-COMMON = dict(
-    description="Local test task built from tests/evaluate/data.",
-    reference="https://example.org/embedjax-tests",
-    dataset={"path": "local/embedjax-tests", "revision": "local"},
-    category="t2t",
-    eval_splits=["test"],
-    eval_langs=["eng-Latn"],
-    date=("2026-01-01", "2026-01-01"),
-    dialect=[],
-    domains=[],
-    task_subtypes=[],
-    license="apache-2.0",
-    annotations_creators="human-annotated",
-    modalities=["text"],
-    sample_creation="created",
-    bibtex_citation="",
-)
+COMMON = {
+    "description": "Local test task built from tests/evaluate/data.",
+    "reference": "https://example.org/embedjax-tests",
+    "dataset": {"path": "local/embedjax-tests", "revision": "local"},
+    "category": "t2t",
+    "eval_splits": ["test"],
+    "eval_langs": ["eng-Latn"],
+    "date": ("2026-01-01", "2026-01-01"),
+    "dialect": [],
+    "domains": [],
+    "task_subtypes": [],
+    "license": "apache-2.0",
+    "annotations_creators": "human-annotated",
+    "modalities": ["text"],
+    "sample_creation": "created",
+    "bibtex_citation": "",
+}
 
 
 class LocalSTS(AbsTaskSTS):

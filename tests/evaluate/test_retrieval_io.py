@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+from _eval_helpers import HashEncoder, write_beir
 
 from embedjax.evaluate.base import encode_fn_from_encoder
 from embedjax.evaluate.retrieval import (
@@ -16,8 +17,6 @@ from embedjax.evaluate.retrieval import (
     apply_prompt,
     read_qrels,
 )
-
-from _eval_helpers import HashEncoder, write_beir
 
 CORPUS = [
     {"_id": "d1", "title": "Cats", "text": "cats purr and sleep all day"},
@@ -164,7 +163,7 @@ def test_bad_encode_fn_output(beir_dir):
 def test_cache_avoids_reencoding(beir_dir, tmp_path):
     enc = HashEncoder()
     cache = tmp_path / "cache"
-    kw = dict(cache_dir=cache, show_progress=False, corpus_chunk_size=3)  # 2 chunks: streamed write and read
+    kw = {"cache_dir": cache, "show_progress": False, "corpus_chunk_size": 3}  # 2 chunks: streamed write and read
     ev = RetrievalEvaluator.from_beir(beir_dir, **kw)
     first = ev.run(encode_fn_from_encoder(enc))
     assert ev.last_info["cache_hit"] is False

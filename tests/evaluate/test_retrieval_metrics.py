@@ -80,7 +80,7 @@ def test_dot_product_scores_and_cutoffs():
 
 def test_metrics_from_ranked_lists_negative_grades():
     qrels = {"a": {"x": 3, "y": -1, "z": 1}}
-    mean, per_q = retrieval_metrics({"a": ["y", "z", "x"]}, qrels, k_values=(2, 10))
+    mean, _ = retrieval_metrics({"a": ["y", "z", "x"]}, qrels, k_values=(2, 10))
     # Negative grades count 0 (trec_eval); ideal = [3, 1].
     assert mean["ndcg@2"] == pytest.approx((1 / L2(3)) / (3 + 1 / L2(3)))
     assert mean["ndcg@10"] == pytest.approx((1 / L2(3) + 3 / L2(4)) / (3 + 1 / L2(3)))

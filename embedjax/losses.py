@@ -1,0 +1,620 @@
+"""Losses for dual encoders: pure functions over GLOBAL arrays, plus `jax.shard_map` forms.
+
+Every loss takes embeddings (or scores) of the whole global batch and returns
+``(loss_scalar, metrics)`` with ``metrics: dict[str, jax.Array]``; ``metrics["accuracy"]`` is the in-batch
+top-1 accuracy where that is meaningful (see each docstring for what it means otherwise).
+
+Under ``jax.jit`` with batch-sharded inputs (``NamedSharding`` over the data axes) GSPMD inserts the
+collectives, so the dense functions already see every document of the global batch as a negative. The
+``*_sharded`` forms spell the collectives out with ``jax.shard_map`` where that saves memory:
+
+* :func:`in_batch_softmax_sharded` all-gathers documents (and hard negatives) and each device computes
+  only its own rows of the logits (``b x N`` instead of ``B x N``);
+* :func:`sigmoid_loss_sharded` never gathers: document shards travel around a ring of devices
+  (``jax.lax.ppermute``), and a custom VJP rotates them again on the way back, so each device holds one
+  ``b x b`` logits block and ``O(b x D)`` residuals at a time.
+
+Both equal their dense forms, value and gradients (``tests/test_losses.py`` checks it on 8 fake devices).
+
+Conventions: ``B`` global batch, ``b`` per-device batch, ``D`` embedding dim, ``K`` hard negatives per
+query, ``N`` candidates per query. Similarities are plain dot products: pass unit-norm embeddings for
+cosine similarity (the model's head normalises by default). In :func:`in_batch_softmax` logits are
+``sim / temperature``; in :func:`sigmoid_loss` they are ``t * sim + b`` (SigLIP's parametrisation).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+Metrics = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, Metrics]]
+
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+"""Mesh axes the batch is sharded over (see ``embedjax/sharding.py``)."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _err(fn: str, msg: str) -> ValueError:
+    return ValueError(f"embedjax.losses.{fn}: {msg}")
+
+
+def _float(x: Any) -> jax.Array:
+    """As a floating array of at least float32 precision (bf16 embeddings are promoted for the loss)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.result_type(x.dtype, jnp.float32))
+
+
+def _check_matrix(fn: str, name: str, x: Any) -> None:
+    if getattr(x, "ndim", None) != 2:
+        raise _err(fn, f"{name} must be a 2-D array, got shape {getattr(x, 'shape', type(x).__name__)}")
+
+
+def _check_same_shape(fn: str, names: Sequence[str], arrays: Sequence[Any]) -> None:
+    for name, x in zip(names, arrays):
+        _check_matrix(fn, name, x)
+    shapes = [tuple(x.shape) for x in arrays]
+    if len(set(shapes)) != 1:
+        got = ", ".join(f"{n}={s}" for n, s in zip(names, shapes))
+        raise _err(fn, f"{', '.join(names)} must have the same shape; got {got}")
+
+
+def _check_positive(fn: str, name: str, value: Any) -> None:
+    """Checks a concrete (Python / NumPy) scalar; traced values (learned parameters) pass through."""
+    try:
+        v = float(value)
+    except Exception:  # a tracer (learned temperature) or a non-scalar: nothing to check here
+        return
+    if not v > 0:
+        raise _err(fn, f"{name} must be > 0, got {v}")
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """``x / max(||x||, eps)`` along ``axis``."""
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def _as_axes(axis_names: str | Sequence[str]) -> tuple[str, ...]:
+    return (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
+
+
+def _ring_size(fn: str, mesh: Mesh, axis_names: tuple[str, ...], batch: int) -> int:
+    """Number of batch shards (product of the data axes' sizes); checks the axes and divisibility."""
+    if not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
+        raise _err(fn, f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    missing = [a for a in axis_names if a not in mesh.shape]
+    if missing:
+        raise _err(fn, f"axis_names {missing} are not axes of the mesh {dict(mesh.shape)}")
+    n = 1
+    for a in axis_names:
+        n *= mesh.shape[a]
+    if batch % n:
+        raise _err(fn, f"global batch {batch} is not divisible by the {n} shards of mesh axes {axis_names}")
+    return n
+
+
+def candidate_scores(q_BxD: jax.Array, d_BxD: jax.Array, *, hard_negatives_BxKxD: jax.Array | None = None,
+                     same_tower: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The in-batch candidate similarities that :func:`in_batch_softmax` ranks, for distillation.
+
+    Returns ``(scores_BxN, valid_BxN)``; the candidates of query ``i`` are, in this order: the ``B``
+    documents (the positive is column ``i``), the ``B*K`` hard negatives of the whole batch (query ``j``'s
+    ``k``-th at column ``B + j*K + k``), and with ``same_tower`` the ``B`` queries (its own one invalid).
+    Compute the teacher's scores in the same layout and pass both to :func:`distill_kl` with the mask.
+    """
+    _check_same_shape("candidate_scores", ("q_BxD", "d_BxD"), (q_BxD, d_BxD))
+    q, d = _float(q_BxD), _float(d_BxD)
+    B, D = q.shape
+    blocks, valid = [q @ d.T], [jnp.ones((B, B), bool)]
+    if hard_negatives_BxKxD is not None:
+        _check_hard_negatives("candidate_scores", hard_negatives_BxKxD, B, D)
+        hn_NxD = _float(hard_negatives_BxKxD).reshape(-1, D)
+        blocks.append(q @ hn_NxD.T)
+        valid.append(jnp.ones((B, hn_NxD.shape[0]), bool))
+    if same_tower:
+        blocks.append(q @ q.T)
+        valid.append(~jnp.eye(B, dtype=bool))
+    return jnp.concatenate(blocks, axis=1), jnp.concatenate(valid, axis=1)
+
+
+def _check_hard_negatives(fn: str, hn: Any, B: int, D: int) -> None:
+    shape = tuple(getattr(hn, "shape", ()))
+    if len(shape) != 3 or shape[0] != B or shape[2] != D:
+        raise _err(fn, f"hard_negatives_BxKxD must have shape [B, K, D] = [{B}, K, {D}], got {shape}")
+
+
+# ------------------------------------------------------------------------------- in-batch softmax (InfoNCE)
+
+
+def _softmax_rows(rows_b: jax.Array, blocks: list[jax.Array], is_pos_bxB: jax.Array, *, temperature: Any,
+                  margin: float, invalid_bxN: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of each row over the candidate blocks (the first block holds the positive).
+
+    Returns (per-row loss, per-row top-1 correct). The additive margin is subtracted from the positive
+    similarity before scaling (AM-softmax); top-1 is judged on the raw similarities. Entries of
+    ``invalid_bxN`` are excluded after the division by the temperature (so its gradient stays finite).
+    """
+    sims_bxB = blocks[0]
+    pos_b = jnp.sum(jnp.where(is_pos_bxB, sims_bxB, 0.0), axis=1)
+    first = sims_bxB - margin * is_pos_bxB if margin else sims_bxB
+    logits_bxN = jnp.concatenate([first, *blocks[1:]], axis=1) / temperature
+    sims_bxN = jnp.concatenate(blocks, axis=1)
+    if invalid_bxN is not None:
+        logits_bxN = jnp.where(invalid_bxN, -jnp.inf, logits_bxN)
+        sims_bxN = jnp.where(invalid_bxN, -jnp.inf, sims_bxN)
+    loss_b = jax.nn.logsumexp(logits_bxN, axis=1) - (pos_b - margin) / temperature
+    correct_b = jnp.argmax(sims_bxN, axis=1) == rows_b
+    return loss_b, correct_b
+
+
+def _in_batch_sums(q_bxD: jax.Array, d_bxD: jax.Array, q_BxD: jax.Array | None, d_BxD: jax.Array,
+                   hn_NxD: jax.Array | None, *, row_offset: Any, temperature: Any, bidirectional: bool,
+                   same_tower: bool, margin: float) -> dict[str, jax.Array]:
+    """Sums over the rows ``row_offset .. row_offset + b`` of the global batch (all of it when dense)."""
+    b, B = q_bxD.shape[0], d_BxD.shape[0]
+    rows_b = row_offset + jnp.arange(b)
+    is_pos_bxB = jnp.arange(B)[None, :] == rows_b[:, None]
+    sims_bxB = q_bxD @ d_BxD.T
+    blocks, invalid_bxN = [sims_bxB], None
+    if hn_NxD is not None:
+        blocks.append(q_bxD @ hn_NxD.T)
+    if same_tower:  # other queries as negatives (Gecko); a query is not its own negative
+        blocks.append(q_bxD @ q_BxD.T)
+        n_before = sum(x.shape[1] for x in blocks[:-1])
+        invalid_bxN = jnp.concatenate([jnp.zeros((b, n_before), bool), is_pos_bxB], axis=1)
+    loss_b, correct_b = _softmax_rows(rows_b, blocks, is_pos_bxB, temperature=temperature, margin=margin,
+                                      invalid_bxN=invalid_bxN)
+    pos_sum = jnp.sum(jnp.where(is_pos_bxB, sims_bxB, 0.0))
+    sums = {"loss_q2d": jnp.sum(loss_b), "accuracy": jnp.sum(correct_b.astype(jnp.float32)),
+            "pos_sim": pos_sum, "neg_sim": jnp.sum(sims_bxB) - pos_sum}
+    if bidirectional:  # documents retrieving their query among all queries
+        loss_b, correct_b = _softmax_rows(rows_b, [d_bxD @ q_BxD.T], is_pos_bxB, temperature=temperature,
+                                          margin=margin)
+        sums["loss_d2q"] = jnp.sum(loss_b)
+        sums["accuracy_d2q"] = jnp.sum(correct_b.astype(jnp.float32))
+    return sums
+
+
+def _in_batch_finish(sums: Mapping[str, jax.Array], B: int, temperature: jax.Array) -> tuple[jax.Array, Metrics]:
+    m = {k: v / B for k, v in sums.items()}
+    m["neg_sim"] = sums["neg_sim"] / max(B * (B - 1), 1)
+    m["temperature"] = temperature
+    loss = 0.5 * (m["loss_q2d"] + m["loss_d2q"]) if "loss_d2q" in m else m["loss_q2d"]
+    return loss, m
+
+
+def _in_batch_validate(fn: str, q_BxD: Any, d_BxD: Any, temperature: Any, hard_negatives_BxKxD: Any,
+                       margin: float) -> None:
+    _check_same_shape(fn, ("q_BxD", "d_BxD"), (q_BxD, d_BxD))
+    _check_positive(fn, "temperature", temperature)
+    if hard_negatives_BxKxD is not None:
+        _check_hard_negatives(fn, hard_negatives_BxKxD, *q_BxD.shape)
+    if not margin >= 0:
+        raise _err(fn, f"margin must be >= 0, got {margin}")
+
+
+def in_batch_softmax(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any,
+                     hard_negatives_BxKxD: jax.Array | None = None, bidirectional: bool = True,
+                     same_tower: bool = False, margin: float = 0.0) -> tuple[jax.Array, Metrics]:
+    """In-batch softmax (InfoNCE) over the global batch: query ``i`` must pick document ``i``.
+
+    Candidates for query ``i``: all ``B`` documents, plus all ``B*K`` hard negatives of the batch (as GTR
+    and Gecko do), plus with ``same_tower`` the other ``B-1`` queries (Gecko). With ``bidirectional`` the
+    document->query loss over the ``B`` queries is averaged in (Sentence-T5). Logits are
+    ``(sim - margin * [positive]) / temperature``; ``temperature`` may be traced (``exp(log_t)`` learned).
+
+    Metrics: ``accuracy`` (query->doc top-1 among all candidates), ``accuracy_d2q``, ``loss_q2d``,
+    ``loss_d2q``, ``pos_sim`` / ``neg_sim`` (mean positive / in-batch negative similarity), ``temperature``.
+    """
+    fn = "in_batch_softmax"
+    _in_batch_validate(fn, q_BxD, d_BxD, temperature, hard_negatives_BxKxD, margin)
+    q, d = _float(q_BxD), _float(d_BxD)
+    temperature = _float(temperature)
+    hn_NxD = None if hard_negatives_BxKxD is None else _float(hard_negatives_BxKxD).reshape(-1, q.shape[1])
+    sums = _in_batch_sums(q, d, q, d, hn_NxD, row_offset=0, temperature=temperature,
+                          bidirectional=bidirectional, same_tower=same_tower, margin=float(margin))
+    return _in_batch_finish(sums, q.shape[0], temperature)
+
+
+def in_batch_softmax_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any, mesh: Mesh,
+                             axis_names: str | Sequence[str] = BATCH_AXES,
+                             hard_negatives_BxKxD: jax.Array | None = None, bidirectional: bool = True,
+                             same_tower: bool = False, margin: float = 0.0) -> tuple[jax.Array, Metrics]:
+    """:func:`in_batch_softmax` as a ``shard_map``: documents (and hard negatives, and queries when needed)
+    are all-gathered over ``axis_names`` and each device computes only its own ``b`` rows of the logits;
+    the per-row losses are ``psum``-ed. Same value and gradients as the dense form.
+    """
+    fn = "in_batch_softmax_sharded"
+    _in_batch_validate(fn, q_BxD, d_BxD, temperature, hard_negatives_BxKxD, margin)
+    axes = _as_axes(axis_names)
+    B, D = q_BxD.shape
+    _ring_size(fn, mesh, axes, B)
+    margin = float(margin)
+    with_hn = hard_negatives_BxKxD is not None
+
+    def body(q_bxD, d_bxD, temp, *hn):
+        b = q_bxD.shape[0]
+        d_all = jax.lax.all_gather(d_bxD, axes, tiled=True)
+        q_all = jax.lax.all_gather(q_bxD, axes, tiled=True) if (bidirectional or same_tower) else None
+        hn_all = jax.lax.all_gather(hn[0].reshape(-1, D), axes, tiled=True) if with_hn else None
+        sums = _in_batch_sums(q_bxD, d_bxD, q_all, d_all, hn_all, row_offset=jax.lax.axis_index(axes) * b,
+                              temperature=temp, bidirectional=bidirectional, same_tower=same_tower,
+                              margin=margin)
+        return _in_batch_finish(jax.lax.psum(sums, axes), B, temp)
+
+    args = [_float(q_BxD), _float(d_BxD), _float(temperature)]
+    specs = [P(axes, None), P(axes, None), P()]
+    if with_hn:
+        args.append(_float(hard_negatives_BxKxD))
+        specs.append(P(axes, None, None))
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
+
+
+# ------------------------------------------------------------------------------------ SigLIP sigmoid loss
+
+
+def sigmoid_loss(q_BxD: jax.Array, d_BxD: jax.Array, *, t: Any, b: Any) -> tuple[jax.Array, Metrics]:
+    """SigLIP pairwise sigmoid loss (arXiv 2303.15343): every (query, document) pair of the global batch is
+    a binary problem, positive on the diagonal; logits ``t * sim + b`` (``t = exp(log_t)`` and ``b``
+    learned). Normalised per example as in the paper: ``-1/B * sum_ij log sigmoid(label_ij * logit_ij)``.
+
+    Metrics: ``accuracy`` (query->doc in-batch top-1), ``pos_logit`` / ``neg_logit`` (means), ``t``, ``b``.
+    """
+    fn = "sigmoid_loss"
+    _check_same_shape(fn, ("q_BxD", "d_BxD"), (q_BxD, d_BxD))
+    _check_positive(fn, "t", t)
+    q, d, t, b = _float(q_BxD), _float(d_BxD), _float(t), _float(b)
+    B = q.shape[0]
+    logits_BxB = t * (q @ d.T) + b
+    is_pos_BxB = jnp.eye(B, dtype=bool)
+    loss = -jnp.sum(jax.nn.log_sigmoid(jnp.where(is_pos_BxB, logits_BxB, -logits_BxB))) / B
+    pos_sum = jnp.sum(jnp.where(is_pos_BxB, logits_BxB, 0.0))
+    accuracy = jnp.mean((jnp.argmax(logits_BxB, axis=1) == jnp.arange(B)).astype(jnp.float32))
+    return loss, {"accuracy": accuracy, "pos_logit": pos_sum / B,
+                  "neg_logit": (jnp.sum(logits_BxB) - pos_sum) / max(B * (B - 1), 1), "t": t, "b": b}
+
+
+def _ring_perm(n: int) -> list[tuple[int, int]]:
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _ring_sigmoid_forward(axes: tuple[str, ...], n: int, q_bxD, d_bxD, t, bias):
+    """Local sums over this device's rows; document shards rotate ``n - 1`` times around the ring."""
+    b = q_bxD.shape[0]
+    logits_bxb = t * (q_bxD @ d_bxD.T) + bias  # own shard: holds the positives
+    is_pos = jnp.eye(b, dtype=bool)
+    loss = -jnp.sum(jax.nn.log_sigmoid(jnp.where(is_pos, logits_bxb, -logits_bxb)))
+    pos_b = jnp.sum(jnp.where(is_pos, logits_bxb, 0.0), axis=1)
+    neg = jnp.sum(logits_bxb) - jnp.sum(pos_b)
+    max_neg_b = jnp.max(jnp.where(is_pos, -jnp.inf, logits_bxb), axis=1)
+
+    def step(carry, _):
+        d_chunk, loss, neg, max_neg_b = carry
+        d_chunk = jax.lax.ppermute(d_chunk, axes, _ring_perm(n))
+        logits = t * (q_bxD @ d_chunk.T) + bias  # another device's documents: all negatives
+        return (d_chunk, loss - jnp.sum(jax.nn.log_sigmoid(-logits)), neg + jnp.sum(logits),
+                jnp.maximum(max_neg_b, jnp.max(logits, axis=1))), None
+
+    (_, loss, neg, max_neg_b), _ = jax.lax.scan(step, (d_bxD, loss, neg, max_neg_b), None, length=n - 1)
+    return loss, pos_b, neg, max_neg_b
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring_sigmoid(axes, n, q_bxD, d_bxD, t, bias):
+    return _ring_sigmoid_forward(axes, n, q_bxD, d_bxD, t, bias)
+
+
+def _ring_sigmoid_fwd(axes, n, q_bxD, d_bxD, t, bias):
+    # Residuals are the inputs only: the backward pass re-rotates instead of storing every chunk.
+    return _ring_sigmoid_forward(axes, n, q_bxD, d_bxD, t, bias), (q_bxD, d_bxD, t, bias)
+
+
+def _ring_sigmoid_bwd(axes, n, res, cts):
+    """Gradient of the local loss sum (the metric outputs get no gradient; they are stop_gradient-ed).
+
+    Each document chunk travels with the accumulator of its gradient; after ``n - 1`` rotations one more
+    brings every accumulator home.
+    """
+    q_bxD, d_bxD, t, bias = res
+    g = cts[0]
+    b = q_bxD.shape[0]
+    labels_bxb = jnp.where(jnp.eye(b, dtype=bool), 1.0, -1.0).astype(q_bxD.dtype)
+
+    def block_grads(d_chunk, labels):
+        sims = q_bxD @ d_chunk.T
+        logits = t * sims + bias
+        # d/dx -log sigmoid(y x) = -y sigmoid(-y x); for all-negative blocks (y = -1): sigmoid(x).
+        dlogits = g * (jax.nn.sigmoid(logits) if labels is None else -labels * jax.nn.sigmoid(-labels * logits))
+        return t * (dlogits @ d_chunk), t * (dlogits.T @ q_bxD), jnp.sum(dlogits * sims), jnp.sum(dlogits)
+
+    dq, dd_acc, dt, db = block_grads(d_bxD, labels_bxb)
+
+    def step(carry, _):
+        d_chunk, dd_acc, dq, dt, db = carry
+        d_chunk, dd_acc = jax.lax.ppermute((d_chunk, dd_acc), axes, _ring_perm(n))
+        gq, gd, gt, gb = block_grads(d_chunk, None)
+        return (d_chunk, dd_acc + gd, dq + gq, dt + gt, db + gb), None
+
+    (_, dd_acc, dq, dt, db), _ = jax.lax.scan(step, (d_bxD, dd_acc, dq, dt, db), None, length=n - 1)
+    dd = jax.lax.ppermute(dd_acc, axes, _ring_perm(n)) if n > 1 else dd_acc
+    return dq, dd, dt, db
+
+
+_ring_sigmoid.defvjp(_ring_sigmoid_fwd, _ring_sigmoid_bwd)
+
+
+def sigmoid_loss_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, t: Any, b: Any, mesh: Mesh,
+                         axis_names: str | Sequence[str] = BATCH_AXES) -> tuple[jax.Array, Metrics]:
+    """:func:`sigmoid_loss` as a ``shard_map`` ring (SigLIP section 3.1): queries stay put, document shards
+    rotate around the devices of ``axis_names`` with ``ppermute``, and a custom VJP rotates them again
+    for the gradients. No device ever holds more than one ``b x b`` logits block or the full global
+    logits / documents. Same value and gradients as the dense form.
+    """
+    fn = "sigmoid_loss_sharded"
+    _check_same_shape(fn, ("q_BxD", "d_BxD"), (q_BxD, d_BxD))
+    _check_positive(fn, "t", t)
+    axes = _as_axes(axis_names)
+    B = q_BxD.shape[0]
+    n = _ring_size(fn, mesh, axes, B)
+
+    def body(q_bxD, d_bxD, t, bias):
+        t_v, bias_v = (jax.lax.pcast(x, axes, to="varying") for x in (t, bias))
+        loss, pos_b, neg, max_neg_b = _ring_sigmoid(axes, n, q_bxD, d_bxD, t_v, bias_v)
+        pos_b, neg, max_neg_b = jax.lax.stop_gradient((pos_b, neg, max_neg_b))
+        sums = jax.lax.psum({"loss": loss, "accuracy": jnp.sum((pos_b > max_neg_b).astype(jnp.float32)),
+                             "pos": jnp.sum(pos_b), "neg": neg}, axes)
+        return sums["loss"] / B, {"accuracy": sums["accuracy"] / B, "pos_logit": sums["pos"] / B,
+                                  "neg_logit": sums["neg"] / max(B * (B - 1), 1), "t": t, "b": bias}
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(axes, None), P(axes, None), P(), P()), out_specs=P())(
+        _float(q_BxD), _float(d_BxD), _float(t), _float(b))
+
+
+# ------------------------------------------------------------------------------------ scored pairs (STS)
+
+
+def _cosent_from_sims(sims_B: jax.Array, scores_B: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """``log(1 + sum_{s_i < s_j} exp(scale * (sim_i - sim_j)))`` and the pairwise ordering accuracy."""
+    lower_BxB = scores_B[:, None] < scores_B[None, :]  # pair i should score below pair j
+    diff_BxB = scale * (sims_B[:, None] - sims_B[None, :])
+    terms = jnp.where(lower_BxB, diff_BxB, -jnp.inf).reshape(-1)
+    loss = jax.nn.logsumexp(jnp.concatenate([jnp.zeros((1,), terms.dtype), terms]))
+    n_ordered = jnp.sum(lower_BxB.astype(jnp.float32))
+    right = jnp.sum((lower_BxB & (sims_B[:, None] < sims_B[None, :])).astype(jnp.float32))
+    return loss, right / jnp.maximum(n_ordered, 1.0)
+
+
+def _check_scored(fn: str, a_BxD: Any, b_BxD: Any, scores_B: Any) -> None:
+    _check_same_shape(fn, ("a_BxD", "b_BxD"), (a_BxD, b_BxD))
+    if tuple(getattr(scores_B, "shape", ())) != (a_BxD.shape[0],):
+        raise _err(fn, f"scores_B must have shape [B] = [{a_BxD.shape[0]}], "
+                       f"got {getattr(scores_B, 'shape', type(scores_B).__name__)}")
+
+
+def cosent_loss(a_BxD: jax.Array, b_BxD: jax.Array, scores_B: jax.Array, *,
+                scale: float = 20.0) -> tuple[jax.Array, Metrics]:
+    """CoSENT (Su, 2022) for scored pairs such as STS-B: for every two pairs of the global batch whose gold
+    scores are ordered, penalise the cosine similarities for the opposite order,
+    ``log(1 + sum_{s_i < s_j} exp(scale * (cos_i - cos_j)))``. Only the order of the scores matters.
+
+    Metrics: ``accuracy`` (fraction of gold-ordered pairs of pairs the cosines order the same way),
+    ``pos_sim`` (mean cosine of the pairs).
+    """
+    _check_scored("cosent_loss", a_BxD, b_BxD, scores_B)
+    cos_B = jnp.sum(l2_normalize(_float(a_BxD)) * l2_normalize(_float(b_BxD)), axis=-1)
+    loss, acc = _cosent_from_sims(cos_B, _float(scores_B), scale)
+    return loss, {"accuracy": acc, "pos_sim": jnp.mean(cos_B)}
+
+
+def angle_similarity(a_BxD: jax.Array, b_BxD: jax.Array) -> jax.Array:
+    """AnglE's similarity (arXiv 2309.12871): halves of each vector as real / imaginary parts, the complex
+    quotient ``a / b`` normalised by ``|a| / |b|``, summed over real and imaginary parts, absolute value."""
+    re_a, im_a = jnp.split(a_BxD, 2, axis=-1)
+    re_b, im_b = jnp.split(b_BxD, 2, axis=-1)
+    sq_a = jnp.sum(re_a**2 + im_a**2, axis=-1, keepdims=True)
+    sq_b = jnp.sum(re_b**2 + im_b**2, axis=-1, keepdims=True)
+    # (re_a + i im_a) / (re_b + i im_b) = ((re_a re_b + im_a im_b) + i (im_a re_b - re_a im_b)) / |b|^2,
+    # then divided by |a| / |b|: overall by |a| |b|.
+    denom = jnp.sqrt(sq_a * sq_b)
+    re = (re_a * re_b + im_a * im_b) / denom
+    im = (im_a * re_b - re_a * im_b) / denom
+    return jnp.abs(jnp.sum(re, axis=-1) + jnp.sum(im, axis=-1))
+
+
+def angle_loss(a_BxD: jax.Array, b_BxD: jax.Array, scores_B: jax.Array, *, scale: float = 20.0,
+               cosine_weight: float = 0.0) -> tuple[jax.Array, Metrics]:
+    """AnglE: the CoSENT ranking objective on :func:`angle_similarity` (as sentence-transformers'
+    ``AnglELoss``), plus ``cosine_weight`` times :func:`cosent_loss` (the paper combines both).
+    ``D`` must be even. Metrics as :func:`cosent_loss` (``accuracy`` ordered by the angle similarity).
+    """
+    fn = "angle_loss"
+    _check_scored(fn, a_BxD, b_BxD, scores_B)
+    if a_BxD.shape[1] % 2:
+        raise _err(fn, f"the embedding dim must be even (real and imaginary halves), got {a_BxD.shape[1]}")
+    a, b, s = _float(a_BxD), _float(b_BxD), _float(scores_B)
+    loss, acc = _cosent_from_sims(angle_similarity(a, b), s, scale)
+    metrics = {"accuracy": acc, "angle_loss": loss}
+    if cosine_weight:
+        cos_loss, cos_m = cosent_loss(a, b, s, scale=scale)
+        loss = loss + cosine_weight * cos_loss
+        metrics.update(cosent_loss=cos_loss, pos_sim=cos_m["pos_sim"])
+    return loss, metrics
+
+
+# ------------------------------------------------------------------------------------------ distillation
+
+
+def distill_kl(student_logits_BxN: jax.Array, teacher_scores_BxN: jax.Array, *, student_temperature: Any,
+               teacher_temperature: Any, mask_BxN: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+    """``KL(teacher || student)`` between score distributions over each row's in-batch candidates
+    (knowledge distillation; Gecko-style relabelling where a teacher scores the candidates):
+    ``p = softmax(teacher / teacher_temperature)``, ``q = softmax(student / student_temperature)``,
+    mean over rows of ``sum_j p_j (log p_j - log q_j)``. ``mask_BxN`` (True = candidate) excludes
+    entries, e.g. the mask :func:`candidate_scores` returns. The teacher gets no gradient.
+
+    Metrics: ``accuracy`` (rows where the student's top candidate is the teacher's), ``teacher_entropy``.
+    """
+    fn = "distill_kl"
+    s, tch = student_logits_BxN, teacher_scores_BxN
+    _check_same_shape(fn, ("student_logits_BxN", "teacher_scores_BxN"), (s, tch))
+    if mask_BxN is not None and tuple(mask_BxN.shape) != tuple(s.shape):
+        raise _err(fn, f"mask_BxN must have shape {tuple(s.shape)}, got {tuple(mask_BxN.shape)}")
+    _check_positive(fn, "student_temperature", student_temperature)
+    _check_positive(fn, "teacher_temperature", teacher_temperature)
+    s = _float(s) / _float(student_temperature)
+    tch = jax.lax.stop_gradient(_float(tch)) / _float(teacher_temperature)
+    valid = jnp.ones(s.shape, bool) if mask_BxN is None else jnp.asarray(mask_BxN, bool)
+    log_q = jax.nn.log_softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
+    log_p = jax.nn.log_softmax(jnp.where(valid, tch, -jnp.inf), axis=-1)
+    # Masked entries get 0 instead of 0 * (-inf - -inf): no NaN in the value or the gradient.
+    log_q, log_p = jnp.where(valid, log_q, 0.0), jnp.where(valid, log_p, 0.0)
+    p = jnp.where(valid, jnp.exp(log_p), 0.0)
+    kl_B = jnp.sum(p * (log_p - log_q), axis=-1)
+    agree = jnp.argmax(jnp.where(valid, s, -jnp.inf), -1) == jnp.argmax(jnp.where(valid, tch, -jnp.inf), -1)
+    return jnp.mean(kl_B), {"accuracy": jnp.mean(agree.astype(jnp.float32)),
+                            "teacher_entropy": -jnp.mean(jnp.sum(p * log_p, axis=-1))}
+
+
+def margin_mse(q_BxD: jax.Array, pos_BxD: jax.Array, neg_BxD: jax.Array, teacher_pos_B: jax.Array,
+               teacher_neg_B: jax.Array, *, scale: float = 1.0) -> tuple[jax.Array, Metrics]:
+    """MarginMSE (Hofstätter et al., arXiv 2010.02666): the student's margin
+    ``scale * (<q, pos> - <q, neg>)`` regresses onto the teacher's ``teacher_pos - teacher_neg``.
+    ``neg`` may carry ``K`` negatives per query (``neg_BxKxD`` with ``teacher_neg_BxK``); ``scale``
+    brings cosine similarities to the range of the teacher's scores.
+
+    Metrics: ``accuracy`` (student scores the positive above the negative), ``student_margin``,
+    ``teacher_margin``.
+    """
+    fn = "margin_mse"
+    _check_same_shape(fn, ("q_BxD", "pos_BxD"), (q_BxD, pos_BxD))
+    B, D = q_BxD.shape
+    multi = getattr(neg_BxD, "ndim", 0) == 3
+    want_neg = (B, neg_BxD.shape[1], D) if multi else (B, D)
+    want_tn = (B, neg_BxD.shape[1]) if multi else (B,)
+    if tuple(neg_BxD.shape) != want_neg:
+        raise _err(fn, f"neg_BxD must have shape [B, D] or [B, K, D] with B={B}, D={D}, got {tuple(neg_BxD.shape)}")
+    for name, x, want in (("teacher_pos_B", teacher_pos_B, (B,)), ("teacher_neg_B", teacher_neg_B, want_tn)):
+        if tuple(getattr(x, "shape", ())) != want:
+            raise _err(fn, f"{name} must have shape {list(want)}, got {tuple(getattr(x, 'shape', ()))}")
+    q, pos, neg = _float(q_BxD), _float(pos_BxD), _float(neg_BxD)
+    s_pos = scale * jnp.sum(q * pos, axis=-1)
+    s_neg = scale * (jnp.einsum("bd,bkd->bk", q, neg) if multi else jnp.sum(q * neg, axis=-1))
+    if multi:
+        s_pos = s_pos[:, None]
+    tp, tn = (jax.lax.stop_gradient(_float(x)) for x in (teacher_pos_B, teacher_neg_B))
+    t_margin = (tp[:, None] if multi else tp) - tn
+    s_margin = s_pos - s_neg
+    return jnp.mean(jnp.square(s_margin - t_margin)), {
+        "accuracy": jnp.mean((s_margin > 0).astype(jnp.float32)),
+        "student_margin": jnp.mean(s_margin), "teacher_margin": jnp.mean(t_margin)}
+
+
+# ------------------------------------------------------------------------------------------- Matryoshka
+
+
+def matryoshka(loss_fn: LossFn, dims: Sequence[int], weights: Sequence[float] | None = None, *,
+               normalize: bool = True, embedding_argnums: Sequence[int] | None = None,
+               embedding_kwargs: Sequence[str] = ("hard_negatives_BxKxD",)) -> LossFn:
+    """Matryoshka representation learning (arXiv 2205.13147): ``loss_fn`` applied to nested prefixes of the
+    embeddings, ``sum_k weights[k] * loss_fn(x[..., :dims[k]])``.
+
+    ``normalize``: re-normalise each prefix to unit length (set it when the model's embeddings are
+    unit-norm, so that every prefix is used with cosine similarity as it will be served); the full-size
+    prefix is left untouched. Embedding arguments are the positional arguments ``embedding_argnums``
+    (default: every array argument with ndim >= 2 whose last dim equals the first argument's) and the
+    keyword arguments named in ``embedding_kwargs``; everything else (scores, temperature, mesh) passes
+    through. Metrics are ``loss_fn``'s at the largest prefix plus ``loss_dim{d}`` for every prefix.
+    """
+    dims_t = tuple(int(d) for d in dims)
+    if not dims_t or min(dims_t) <= 0 or len(set(dims_t)) != len(dims_t):
+        raise _err("matryoshka", f"dims must be distinct positive ints, got {list(dims)}")
+    weights_t = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(dims_t)
+    if len(weights_t) != len(dims_t):
+        raise _err("matryoshka", f"{len(weights_t)} weights for {len(dims_t)} dims {list(dims_t)}")
+    largest = max(dims_t)
+
+    def wrapped(*args: Any, **kwargs: Any) -> tuple[jax.Array, Metrics]:
+        D = args[0].shape[-1]
+        if largest > D:
+            raise _err("matryoshka", f"dims {list(dims_t)} exceed the embedding dim {D}")
+        if embedding_argnums is None:
+            argnums = {i for i, a in enumerate(args) if getattr(a, "ndim", 0) >= 2 and a.shape[-1] == D}
+        else:
+            argnums = set(embedding_argnums)
+
+        def cut(x: jax.Array, dim: int) -> jax.Array:
+            if dim == x.shape[-1]:
+                return x
+            x = x[..., :dim]
+            return l2_normalize(_float(x)) if normalize else x
+
+        total, metrics, per_dim = 0.0, {}, {}
+        for dim, w in zip(dims_t, weights_t):
+            a = [cut(x, dim) if i in argnums else x for i, x in enumerate(args)]
+            kw = {k: (cut(v, dim) if k in embedding_kwargs and v is not None else v) for k, v in kwargs.items()}
+            loss, m = loss_fn(*a, **kw)
+            total = total + w * loss
+            per_dim[f"loss_dim{dim}"] = loss
+            if dim == largest:
+                metrics = dict(m)
+        return total, {**metrics, **per_dim}
+
+    wrapped.__name__ = f"matryoshka_{getattr(loss_fn, '__name__', 'loss')}"
+    wrapped.__doc__ = f"Matryoshka over dims {list(dims_t)} (weights {list(weights_t)}) of:\n{loss_fn.__doc__}"
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+# name -> (function, positional embedding arguments for Matryoshka; None: Matryoshka does not apply)
+_LOSSES: dict[str, tuple[LossFn, tuple[int, ...] | None]] = {
+    "in_batch_softmax": (in_batch_softmax, (0, 1)),
+    "in_batch_softmax_sharded": (in_batch_softmax_sharded, (0, 1)),
+    "sigmoid": (sigmoid_loss, (0, 1)),
+    "sigmoid_sharded": (sigmoid_loss_sharded, (0, 1)),
+    "cosent": (cosent_loss, (0, 1)),
+    "angle": (angle_loss, (0, 1)),
+    "distill_kl": (distill_kl, None),
+    "margin_mse": (margin_mse, (0, 1, 2)),
+}
+_ALIASES = {"infonce": "in_batch_softmax", "softmax": "in_batch_softmax", "siglip": "sigmoid",
+            "sigmoid_loss": "sigmoid", "cosent_loss": "cosent", "angle_loss": "angle", "kl": "distill_kl"}
+LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
+
+
+def get_loss(name: str, **options: Any) -> LossFn:
+    """A loss by name with its keyword options bound, for configs: ``get_loss("in_batch_softmax",
+    temperature=0.01, same_tower=True)``. Options not bound here (a learned temperature, a mesh) can be
+    passed at call time. ``matryoshka_dims`` / ``matryoshka_weights`` / ``matryoshka_normalize`` wrap the
+    loss with :func:`matryoshka`. Names: ``LOSS_NAMES`` (aliases: infonce, softmax, siglip, kl, ...).
+    """
+    key = _ALIASES.get(name.lower().replace("-", "_"), name.lower().replace("-", "_"))
+    if key not in _LOSSES:
+        raise ValueError(f"embedjax.losses.get_loss: unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
+    fn, argnums = _LOSSES[key]
+    mat = {k: options.pop(k) for k in ("matryoshka_dims", "matryoshka_weights", "matryoshka_normalize")
+           if k in options}
+    params = inspect.signature(fn).parameters
+    allowed = sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"embedjax.losses.get_loss({name!r}): unknown option(s) {unknown}; "
+                         f"valid: {allowed + ['matryoshka_dims', 'matryoshka_weights', 'matryoshka_normalize']}")
+    loss = functools.partial(fn, **options) if options else fn
+    if mat.get("matryoshka_dims"):
+        if argnums is None:
+            raise ValueError(f"embedjax.losses.get_loss({name!r}): Matryoshka needs embeddings, "
+                             f"but {key} takes scores")
+        loss = matryoshka(loss, mat["matryoshka_dims"], mat.get("matryoshka_weights"),
+                          normalize=mat.get("matryoshka_normalize", True), embedding_argnums=argnums)
+    elif "matryoshka_weights" in mat:
+        raise ValueError(f"embedjax.losses.get_loss({name!r}): matryoshka_weights given without matryoshka_dims")
+    return loss

@@ -1,0 +1,254 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, called by the CLI, tests and notebooks alike.
+
+Evaluates before and after (and every `eval.every_steps`), logs JSON lines (+ TensorBoard when TensorFlow is
+installed), checkpoints with Orbax (resuming from the workdir's latest checkpoint), and writes the final model as
+a sentence-transformers folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from embedjax import sharding
+from embedjax.config import ConfigDict
+from embedjax.models.dual_encoder import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+def load_model(config: ConfigDict):
+    """(ModelConfig, pretrained params or None, HF tokenizer, tokenizer folder)."""
+    from embedjax.encoder import Encoder
+    from embedjax.models.convert import resolve_model_dir
+    from embedjax.tokenize import load_tokenizer
+
+    max_len = max(config.max_query_length, config.max_document_length)
+    if config.init_from:
+        enc = Encoder.load(config.init_from)
+        cfg = enc.config
+        if max_len > cfg.max_length:
+            import dataclasses
+            cfg = dataclasses.replace(cfg, max_length=max_len)
+        tdir = resolve_model_dir(config.init_from)
+        return cfg, enc.params, enc.tokenizer, tdir
+    cfg = ModelConfig.from_dict(config.model_config.to_dict())
+    tdir = resolve_model_dir(config.tokenizer)
+    return cfg, None, load_tokenizer(tdir), tdir
+
+
+def build_train_iterator(config: ConfigDict, model_dir: Path):
+    """The per-host resumable iterator from the configured data (seqio task over a local TFDS builder)."""
+    from embedjax.data import tasks
+    from embedjax.data.prompts import Prompt
+    from embedjax.data.tf_tokenize import load_vocabulary
+    from embedjax.data.tfds_builders import prepare_dataset
+
+    d = config.data
+    kind = {"beir": "beir", "pairs": "pairs", "stsb": "scored_pairs"}[d.kind]
+    builder = prepare_dataset(kind, d.path, splits=(d.split,) if kind == "beir" else None, on_error=d.on_error)
+    vocab = load_vocabulary(model_dir)
+    prompt = None
+    if d.query_prompt or d.document_prompt:  # plain prefixes ("query: ") or templates ("task: {task} | query: {text}")
+        prompt = Prompt(query=d.query_prompt if "{" in d.query_prompt else d.query_prompt + "{text}",
+                        document=d.document_prompt if "{" in d.document_prompt else d.document_prompt + "{doc}")
+    name = "embedjax_train"
+    tasks.add_task(name, builder, vocab, prompt=prompt, symmetric=(kind == "scored_pairs"))
+    split = d.split if kind == "beir" else "train"
+    return tasks.build_iterator(name, split, global_batch_size=config.batch_size,
+                                max_query_length=config.max_query_length,
+                                max_doc_length=config.max_document_length, num_negatives=d.num_negatives,
+                                dedup=kind != "scored_pairs", seed=config.seed)
+
+
+def build_evaluators(config: ConfigDict) -> dict[str, Any]:
+    """Evaluators from `eval.tasks` entries "beir:FOLDER[:split]" / "stsb:FILE_OR_FOLDER[:split]"."""
+    from embedjax.evaluate import RetrievalEvaluator, STSEvaluator
+
+    out = {}
+    for spec in config.eval.tasks:
+        kind, _, rest = spec.partition(":")
+        path, _, split = rest.partition(":")
+        split = split or "test"
+        name = f"{kind}/{Path(path).name}/{split}"
+        if kind == "beir":
+            out[name] = RetrievalEvaluator.from_beir(path, split=split, use_cache=False, show_progress=False,
+                                                     query_prompt=config.data.query_prompt or None,
+                                                     document_prompt=config.data.document_prompt or None)
+        elif kind == "stsb":
+            out[name] = STSEvaluator.from_file(path, split=split, show_progress=False)
+        else:
+            raise ValueError(f"eval.tasks entry {spec!r}: kind must be beir or stsb")
+    return out
+
+
+class MetricWriter:
+    """JSON lines (metrics.jsonl) + TensorBoard event files (tensorboardX) when installed; process 0 only."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboardX not installed: metrics go to %s only (no TensorBoard)", self.path)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------------- main entry
+
+def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
+                       train_iter: Iterator[dict[str, np.ndarray]] | None = None,
+                       stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Trains per `config` in `workdir`; returns {"before": {...}, "after": {...}, "final_step": n, ...}."""
+    from embedjax.checkpoint import Checkpointer, abstract_like
+    from embedjax.encoder import Encoder
+    from embedjax.objectives import make_objective
+    from embedjax.optim import make_optimizer, schedule
+    from embedjax.train_step import create_train_state, jit_train_step, make_train_step
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2), encoding="utf-8")
+    mesh = sharding.make_mesh(dict(config.mesh))
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % dp:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel devices")
+
+    model_cfg, pretrained, tokenizer, model_dir = load_model(config)
+    if train_iter is None:
+        train_iter = build_train_iterator(config, model_dir)
+    objective, loss_params = make_objective(config.loss)
+    lr = schedule(config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.decay,
+                  config.optim.end_factor)
+    tx = make_optimizer(dict(config.optim), config.num_steps)
+    rng = jax.random.key(config.seed)
+    state, shards = create_train_state(model_cfg, loss_params, tx, mesh, rng, pretrained=pretrained)
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, data_state, start = ckpt.restore(abstract_like(state))
+        if data_state is not None and hasattr(train_iter, "set_state"):
+            train_iter.set_state(data_state)
+        log.info("resumed from %s step %d", ckpt.directory, start)
+    elif config.init_from:
+        log.info("starting from pretrained %s", config.init_from)
+    else:
+        log.info("starting from scratch (seed %d)", config.seed)
+
+    step_fn = jit_train_step(make_train_step(model_cfg, objective, tx, grad_cache_chunks=config.grad_cache_chunks,
+                                             lr_schedule=lr), shards, mesh)
+    evaluators = build_evaluators(config)
+    encoder = Encoder(model_cfg, state.params["model"], tokenizer, name=str(workdir))
+    writer = MetricWriter(workdir)
+    results: dict[str, Any] = {}
+
+    def evaluate(tag: str, step: int) -> dict[str, float]:
+        from embedjax.evaluate import encode_fn_from_encoder
+        encoder.params = state.params["model"]
+        encoder.__dict__.pop("fingerprint", None)
+        out = {}
+        for name, ev in evaluators.items():
+            t0 = time.time()
+            m = ev.run(encode_fn_from_encoder(encoder, batch_size=config.eval.batch_size))
+            out.update({f"{name}/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))})
+            log.info("eval %s step %d %s: %s (%.0fs)", tag, step, name,
+                     ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)), time.time() - t0)
+        writer.write(step, {f"eval/{k}": v for k, v in out.items()})
+        return out
+
+    if evaluators and config.eval.before and start == 0:
+        results["before"] = evaluate("before", 0)
+
+    last_ckpt = start if start else None
+    pending = None   # metrics of the previous step, fetched after the next is dispatched
+    t_start, n_done = time.time(), 0
+    step = start
+
+    def drain(pending):
+        s, m = pending
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not all(math.isfinite(v) for v in m.values()):
+            bad = [k for k, v in m.items() if not math.isfinite(v)]
+            where = f"{ckpt.directory} step {last_ckpt}" if last_ckpt is not None else "none saved yet"
+            raise TrainingDiverged(f"step {s}: non-finite {', '.join(bad)}; last good checkpoint: {where}")
+        return s, m
+
+    with jax.set_mesh(mesh):
+        while step < config.num_steps:
+            batch = sharding.global_batch(next(train_iter), mesh)
+            data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+            state, metrics = step_fn(state, batch)
+            step += 1
+            n_done += 1
+            if pending is not None:
+                s, m = drain(pending)
+                if s % config.log_every_steps == 0 or s == 1:
+                    el = time.time() - t_start
+                    sps = n_done / el
+                    log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s", s, config.num_steps,
+                             m["loss"], m.get("accuracy", float("nan")), sps, sps * config.batch_size,
+                             _fmt_eta((config.num_steps - s) / max(sps, 1e-9)))
+                    writer.write(s, {f"train/{k}": v for k, v in m.items()})
+            pending = (step, metrics)
+            stop = stop_requested() if stop_requested else False
+            if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop:
+                ckpt.save(step, state, data_state, force=True)
+                last_ckpt = step
+            if evaluators and config.eval.every_steps and step % config.eval.every_steps == 0 \
+                    and step < config.num_steps:
+                results.setdefault("during", {})[step] = evaluate("during", step)
+            if stop:
+                log.info("stop requested: checkpoint at step %d saved, exiting", step)
+                break
+        if pending is not None:
+            s, m = drain(pending)
+            writer.write(s, {f"train/{k}": v for k, v in m.items()})
+            results["last_train_metrics"] = m
+
+    if last_ckpt != step:
+        ckpt.save(step, state, train_iter.get_state() if hasattr(train_iter, "get_state") else None, force=True)
+    ckpt.close()
+    results["final_step"] = step
+    if step >= config.num_steps:
+        if evaluators:
+            results["after"] = evaluate("after", step)
+        if config.export_final and jax.process_index() == 0:
+            encoder.params = state.params["model"]
+            results["final_model"] = str(encoder.save(workdir / "final"))
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    results["state"] = state
+    return results

@@ -1,0 +1,469 @@
+"""Tests for embedjax.losses.
+
+1. Golden values: each loss against a straightforward float64 NumPy reference (loops over rows / pairs),
+   plus a few closed-form cases.
+2. Sharding: on 8 fake CPU devices with meshes (8,1,1), (4,2,1), (2,2,2) (axes data, fsdp, tensor; batch
+   over ("data", "fsdp")), the loss, its metrics and its gradients wrt the parameters of a tiny stand-in
+   encoder under jax.jit with sharded inputs equal the single-device computation to 1e-5 relative; the
+   shard_map forms equal the dense ones.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from embedjax import losses as L
+
+MESH_SHAPES = [(8, 1, 1), (4, 2, 1), (2, 2, 2)]
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+
+def make_mesh(shape):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def rand_unit(rng, *shape):
+    return unit(rng.standard_normal(shape)).astype(np.float32)
+
+
+def assert_rel_close(actual, expected, rtol=1e-5, what=""):
+    """Every leaf: max |actual - expected| <= rtol * max |expected| (relative to the leaf's scale)."""
+    a_leaves = jax.tree_util.tree_leaves_with_path(actual)
+    e_leaves = jax.tree_util.tree_leaves_with_path(expected)
+    assert [p for p, _ in a_leaves] == [p for p, _ in e_leaves], f"{what}: different trees"
+    for (path, a), (_, e) in zip(a_leaves, e_leaves):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert a.shape == e.shape, f"{what}{jax.tree_util.keystr(path)}: shape {a.shape} != {e.shape}"
+        assert np.all(np.isfinite(a)), f"{what}{jax.tree_util.keystr(path)}: not finite"
+        err, scale = np.max(np.abs(a - e), initial=0.0), np.max(np.abs(e), initial=0.0)
+        assert err <= rtol * scale, (f"{what}{jax.tree_util.keystr(path)}: max abs err {err:.3g} > "
+                                     f"{rtol} x max|expected| {scale:.3g}")
+
+
+# ---------------------------------------------------------------------------------- NumPy references
+
+
+def np_logsumexp(x):
+    m = np.max(x)
+    return m + np.log(np.sum(np.exp(x - m)))
+
+
+def np_in_batch_softmax(q, d, temperature, hn=None, bidirectional=True, same_tower=False, margin=0.0):
+    q, d = np.float64(q), np.float64(d)
+    B = len(q)
+    q2d, d2q, correct = [], [], []
+    for i in range(B):
+        cands = [q[i] @ d[j] for j in range(B)]
+        if hn is not None:
+            cands += [q[i] @ np.float64(hn[j, k]) for j in range(B) for k in range(hn.shape[1])]
+        if same_tower:
+            cands += [q[i] @ q[j] for j in range(B) if j != i]
+        cands = np.array(cands)
+        correct.append(np.argmax(cands) == i)
+        logits = cands / temperature
+        logits[i] = (cands[i] - margin) / temperature
+        q2d.append(np_logsumexp(logits) - logits[i])
+        back = np.array([d[i] @ q[j] for j in range(B)]) / temperature
+        back[i] = (d[i] @ q[i] - margin) / temperature
+        d2q.append(np_logsumexp(back) - back[i])
+    loss = 0.5 * (np.mean(q2d) + np.mean(d2q)) if bidirectional else np.mean(q2d)
+    return loss, np.mean(correct)
+
+
+def np_sigmoid(q, d, t, b):
+    q, d = np.float64(q), np.float64(d)
+    B = len(q)
+    total = 0.0
+    for i in range(B):
+        for j in range(B):
+            z = t * (q[i] @ d[j]) + b
+            y = 1.0 if i == j else -1.0
+            total += np.log1p(np.exp(-y * z))  # -log sigmoid(y z)
+    return total / B
+
+
+def np_cosent(sims, scores, scale):
+    terms = [0.0]
+    for i in range(len(sims)):
+        for j in range(len(sims)):
+            if scores[i] < scores[j]:
+                terms.append(scale * (sims[i] - sims[j]))
+    return np_logsumexp(np.array(terms))
+
+
+def np_cos(a, b):
+    return np.sum(unit(np.float64(a)) * unit(np.float64(b)), axis=-1)
+
+
+def np_angle_sim(x, y):
+    x, y = np.float64(x), np.float64(y)
+    h = x.shape[1] // 2
+    out = []
+    for u, w in zip(x, y):
+        za, zb = u[:h] + 1j * u[h:], w[:h] + 1j * w[h:]
+        quotient = za * np.conj(zb) / np.sum(np.abs(zb) ** 2)   # elementwise a_k / b, over |b|^2
+        quotient /= np.linalg.norm(u) / np.linalg.norm(w)
+        out.append(abs(np.sum(quotient.real) + np.sum(quotient.imag)))
+    return np.array(out)
+
+
+def np_distill_kl(student, teacher, ts, tt, mask=None):
+    out = []
+    for r in range(len(student)):
+        keep = np.ones(student.shape[1], bool) if mask is None else mask[r]
+        s, t = np.float64(student[r][keep]) / ts, np.float64(teacher[r][keep]) / tt
+        logp, logq = t - np_logsumexp(t), s - np_logsumexp(s)
+        out.append(np.sum(np.exp(logp) * (logp - logq)))
+    return np.mean(out)
+
+
+def np_margin_mse(q, pos, neg, tp, tn, scale):
+    q, pos, neg = np.float64(q), np.float64(pos), np.float64(neg)
+    errs = []
+    for i in range(len(q)):
+        negs = neg[i] if neg.ndim == 3 else neg[i][None]
+        tns = np.atleast_1d(tn[i])
+        for k in range(len(negs)):
+            errs.append((scale * (q[i] @ pos[i] - q[i] @ negs[k]) - (tp[i] - tns[k])) ** 2)
+    return np.mean(errs)
+
+
+# ------------------------------------------------------------------------------------- golden values
+
+
+def test_in_batch_softmax_closed_form():
+    eye = np.eye(2, dtype=np.float32)
+    loss, m = L.in_batch_softmax(eye, eye, temperature=1.0)
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-1.0)), rtol=1e-6)  # -log(e / (e + 1))
+    assert float(m["accuracy"]) == 1.0
+    loss, _ = L.in_batch_softmax(eye, eye, temperature=1.0, margin=0.5)
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-0.5)), rtol=1e-6)
+    loss, _ = L.in_batch_softmax(eye, eye, temperature=0.5, same_tower=True, bidirectional=False)
+    np.testing.assert_allclose(loss, np.log(1 + 2 * np.exp(-2.0)), rtol=1e-6)  # one doc + one query negative
+
+
+@pytest.mark.parametrize("hn,same_tower,bidirectional,margin", [
+    (False, False, True, 0.0), (False, False, False, 0.0), (True, False, True, 0.0),
+    (True, True, True, 0.2), (False, True, False, 0.1)])
+def test_in_batch_softmax_matches_numpy(hn, same_tower, bidirectional, margin):
+    rng = np.random.default_rng(0)
+    q, d = rand_unit(rng, 6, 5), rand_unit(rng, 6, 5)
+    d[:3] = unit(q[:3] + 0.3 * d[:3])  # some positives closer, so accuracy is not trivially 0
+    negs = rand_unit(rng, 6, 3, 5) if hn else None
+    loss, m = L.in_batch_softmax(q, d, temperature=0.07, hard_negatives_BxKxD=negs,
+                                 bidirectional=bidirectional, same_tower=same_tower, margin=margin)
+    ref, ref_acc = np_in_batch_softmax(q, d, 0.07, negs, bidirectional, same_tower, margin)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    np.testing.assert_allclose(m["accuracy"], ref_acc)
+    assert 0 < ref_acc < 1
+    np.testing.assert_allclose(m["pos_sim"], np.mean(np.sum(np.float64(q) * d, -1)), rtol=1e-5)
+
+
+def test_sigmoid_matches_numpy_and_closed_form():
+    eye = np.eye(2, dtype=np.float32)
+    loss, _ = L.sigmoid_loss(eye, eye, t=1.0, b=0.0)
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-1.0)) + np.log(2.0), rtol=1e-6)
+    rng = np.random.default_rng(1)
+    q, d = rand_unit(rng, 7, 4), rand_unit(rng, 7, 4)
+    loss, m = L.sigmoid_loss(q, d, t=10.0, b=-3.0)
+    np.testing.assert_allclose(loss, np_sigmoid(q, d, 10.0, -3.0), rtol=1e-5)
+    logits = 10.0 * np.float64(q) @ np.float64(d).T - 3.0
+    np.testing.assert_allclose(m["accuracy"], np.mean(np.argmax(logits, 1) == np.arange(7)))
+    np.testing.assert_allclose(m["pos_logit"], np.mean(np.diag(logits)), rtol=1e-5)
+
+
+def test_cosent_matches_numpy_and_closed_form():
+    a = np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
+    b = np.array([[2.0, 0.0], [0.0, 3.0]], np.float32)  # cosines (1, 0): cosent normalises itself
+    loss, m = L.cosent_loss(a, b, np.array([1.0, 0.0]), scale=2.0)   # right order
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-2.0)), rtol=1e-6)
+    assert float(m["accuracy"]) == 1.0
+    loss, m = L.cosent_loss(a, b, np.array([0.0, 1.0]), scale=2.0)   # wrong order
+    np.testing.assert_allclose(loss, np.log1p(np.exp(2.0)), rtol=1e-6)
+    assert float(m["accuracy"]) == 0.0
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((9, 6)).astype(np.float32), rng.standard_normal((9, 6)).astype(np.float32)
+    scores = np.round(rng.uniform(0, 5, 9), 1).astype(np.float32)
+    scores[3] = scores[4]  # ties contribute no pair
+    loss, _ = L.cosent_loss(a, b, scores, scale=20.0)
+    np.testing.assert_allclose(loss, np_cosent(np_cos(a, b), scores, 20.0), rtol=1e-5)
+
+
+def test_angle_matches_numpy():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((8, 6)).astype(np.float32)
+    scores = rng.uniform(0, 5, 8).astype(np.float32)
+    np.testing.assert_allclose(L.angle_similarity(jnp.asarray(a), jnp.asarray(b)), np_angle_sim(a, b), rtol=1e-5)
+    loss, _ = L.angle_loss(a, b, scores)
+    np.testing.assert_allclose(loss, np_cosent(np_angle_sim(a, b), scores, 20.0), rtol=1e-5)
+    loss, m = L.angle_loss(a, b, scores, cosine_weight=0.5)
+    ref = np_cosent(np_angle_sim(a, b), scores, 20.0) + 0.5 * np_cosent(np_cos(a, b), scores, 20.0)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+
+
+def test_angle_similarity_matches_sentence_transformers():
+    util = pytest.importorskip("sentence_transformers.util")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((5, 8)).astype(np.float32)
+    ref = util.pairwise_angle_sim(torch.tensor(a), torch.tensor(b)).numpy()
+    np.testing.assert_allclose(L.angle_similarity(jnp.asarray(a), jnp.asarray(b)), ref, rtol=1e-5)
+
+
+def test_distill_kl_matches_numpy():
+    rng = np.random.default_rng(5)
+    q, d, hn = rand_unit(rng, 5, 4), rand_unit(rng, 5, 4), rand_unit(rng, 5, 2, 4)
+    s, mask = L.candidate_scores(q, d, hard_negatives_BxKxD=hn, same_tower=True)
+    assert s.shape == (5, 5 + 10 + 5) and not bool(mask[2, 15 + 2]) and int(mask.sum()) == 5 * 19
+    teacher = rng.standard_normal(s.shape).astype(np.float32)
+    loss, m = L.distill_kl(s, teacher, student_temperature=0.05, teacher_temperature=0.5, mask_BxN=mask)
+    np.testing.assert_allclose(loss, np_distill_kl(np.asarray(s), teacher, 0.05, 0.5, np.asarray(mask)), rtol=1e-5)
+    masked = np.where(np.asarray(mask), teacher, -np.inf)
+    np.testing.assert_allclose(m["accuracy"], np.mean(np.argmax(np.where(mask, s, -np.inf), 1) == np.argmax(masked, 1)))
+    same, _ = L.distill_kl(teacher, teacher, student_temperature=2.0, teacher_temperature=2.0)
+    assert abs(float(same)) < 1e-6
+    g = jax.grad(lambda x: L.distill_kl(x, teacher, student_temperature=0.1, teacher_temperature=1.0,
+                                        mask_BxN=mask)[0])(s)
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[~np.asarray(mask)] == 0)
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_margin_mse_matches_numpy(k):
+    rng = np.random.default_rng(6)
+    q, pos = rand_unit(rng, 6, 4), rand_unit(rng, 6, 4)
+    neg = rand_unit(rng, 6, 4) if k is None else rand_unit(rng, 6, k, 4)
+    tp = rng.normal(5, 2, 6).astype(np.float32)
+    tn = rng.normal(3, 2, (6,) if k is None else (6, k)).astype(np.float32)
+    loss, m = L.margin_mse(q, pos, neg, tp, tn, scale=7.0)
+    np.testing.assert_allclose(loss, np_margin_mse(q, pos, neg, tp, tn, 7.0), rtol=1e-5)
+    assert 0.0 <= float(m["accuracy"]) <= 1.0
+
+
+def test_matryoshka_matches_numpy():
+    rng = np.random.default_rng(7)
+    q, d, hn = rand_unit(rng, 6, 8), rand_unit(rng, 6, 8), rand_unit(rng, 6, 2, 8)
+    fn = L.matryoshka(L.in_batch_softmax, dims=(8, 4, 2), weights=(1.0, 0.5, 0.25))
+    loss, m = fn(q, d, temperature=0.1, hard_negatives_BxKxD=hn, same_tower=True)
+    refs = [np_in_batch_softmax(q[:, :k] if k == 8 else unit(q[:, :k]), d[:, :k] if k == 8 else unit(d[:, :k]),
+                                0.1, hn[..., :k] if k == 8 else unit(hn[..., :k]), True, True)[0]
+            for k in (8, 4, 2)]
+    np.testing.assert_allclose(loss, refs[0] + 0.5 * refs[1] + 0.25 * refs[2], rtol=1e-5)
+    np.testing.assert_allclose(m["loss_dim4"], refs[1], rtol=1e-5)
+    full, full_m = L.in_batch_softmax(q, d, temperature=0.1, hard_negatives_BxKxD=hn, same_tower=True)
+    assert float(m["accuracy"]) == float(full_m["accuracy"]) and float(m["loss_dim8"]) == float(full)
+    raw, _ = L.matryoshka(L.in_batch_softmax, dims=(4,), normalize=False)(q, d, temperature=0.1)
+    np.testing.assert_allclose(raw, np_in_batch_softmax(q[:, :4], d[:, :4], 0.1)[0], rtol=1e-5)
+    # Scores (1-D) pass through untouched.
+    cos, _ = L.matryoshka(L.cosent_loss, dims=(4,))(q, d, np.arange(6.0))
+    np.testing.assert_allclose(cos, np_cosent(np_cos(q[:, :4], d[:, :4]), np.arange(6.0), 20.0), rtol=1e-5)
+
+
+def test_registry():
+    rng = np.random.default_rng(8)
+    q, d = rand_unit(rng, 4, 8), rand_unit(rng, 4, 8)
+    for name in L.LOSS_NAMES:
+        assert callable(L.get_loss(name))
+    fn = L.get_loss("InfoNCE", temperature=0.05, bidirectional=False)
+    np.testing.assert_allclose(fn(q, d)[0], np_in_batch_softmax(q, d, 0.05, bidirectional=False)[0], rtol=1e-5)
+    np.testing.assert_allclose(fn(q, d, temperature=0.1)[0], np_in_batch_softmax(q, d, 0.1, bidirectional=False)[0],
+                               rtol=1e-5)  # a learned temperature is passed at call time
+    mat = L.get_loss("sigmoid", matryoshka_dims=[8, 4])
+    loss, m = mat(q, d, t=5.0, b=-1.0)
+    np.testing.assert_allclose(loss, np_sigmoid(q, d, 5, -1) + np_sigmoid(unit(q[:, :4]), unit(d[:, :4]), 5, -1),
+                               rtol=1e-5)
+    assert "loss_dim4" in m
+    with pytest.raises(ValueError, match="unknown loss 'nope'"):
+        L.get_loss("nope")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['temprature'\]"):
+        L.get_loss("in_batch_softmax", temprature=0.05)
+    with pytest.raises(ValueError, match="Matryoshka needs embeddings"):
+        L.get_loss("distill_kl", matryoshka_dims=[4])
+
+
+def test_bad_inputs_say_what_is_wrong():
+    q = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"in_batch_softmax: q_BxD, d_BxD must have the same shape"):
+        L.in_batch_softmax(q, np.ones((4, 6), np.float32), temperature=0.1)
+    with pytest.raises(ValueError, match="hard_negatives_BxKxD must have shape"):
+        L.in_batch_softmax(q, q, temperature=0.1, hard_negatives_BxKxD=np.ones((4, 8), np.float32))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        L.in_batch_softmax(q, q, temperature=0.0)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        L.in_batch_softmax(q, q, temperature=0.1, margin=-1.0)
+    with pytest.raises(ValueError, match=r"cosent_loss: scores_B must have shape \[B\] = \[4\]"):
+        L.cosent_loss(q, q, np.ones(3))
+    with pytest.raises(ValueError, match="must be even"):
+        L.angle_loss(np.ones((4, 5)), np.ones((4, 5)), np.ones(4))
+    with pytest.raises(ValueError, match="exceed the embedding dim 8"):
+        L.matryoshka(L.in_batch_softmax, dims=(16, 8))(q, q, temperature=0.1)
+    mesh = make_mesh((8, 1, 1))
+    with pytest.raises(ValueError, match="global batch 4 is not divisible by the 8 shards"):
+        L.sigmoid_loss_sharded(q, q, t=1.0, b=0.0, mesh=mesh)
+    with pytest.raises(ValueError, match=r"axis_names \['batch'\] are not axes of the mesh"):
+        L.in_batch_softmax_sharded(q, q, temperature=0.1, mesh=mesh, axis_names=("batch",))
+
+
+# ------------------------------------------------------------------------ sharded == single device
+
+F, D, B, K = 12, 16, 16, 2
+
+
+def encode(w_FxD, x_BxF):
+    """Tiny stand-in encoder: a linear map from features to embeddings, then L2 norm."""
+    return L.l2_normalize(x_BxF @ w_FxD)
+
+
+def make_params_and_batch():
+    rng = np.random.default_rng(9)
+    params = {"wq": rng.standard_normal((F, D)).astype(np.float32) / np.sqrt(F),
+              "wd": rng.standard_normal((F, D)).astype(np.float32) / np.sqrt(F),
+              "log_t": np.float32(np.log(0.05)), "log_s": np.float32(np.log(10.0)), "bias": np.float32(-2.0)}
+    xq = rng.standard_normal((B, F)).astype(np.float32)
+    batch = {"xq": xq, "xd": (xq + 0.5 * rng.standard_normal((B, F))).astype(np.float32),  # related pairs
+             "xhn": rng.standard_normal((B, K, F)).astype(np.float32),
+             "scores": rng.uniform(0, 5, B).astype(np.float32),
+             "teacher_BxN": rng.standard_normal((B, B + B * K + B)).astype(np.float32),
+             "teacher_pos": rng.normal(4, 1, B).astype(np.float32),
+             "teacher_neg": rng.normal(2, 1, B).astype(np.float32)}
+    return params, batch
+
+
+def towers(params, batch):
+    return (encode(params["wq"], batch["xq"]), encode(params["wd"], batch["xd"]),
+            encode(params["wd"], batch["xhn"]))
+
+
+def _softmax(mesh, **kw):
+    def loss(params, batch):
+        q, d, hn = towers(params, batch)
+        if not kw.pop("with_hn", True):
+            hn = None
+        opts = dict(kw, temperature=jnp.exp(params["log_t"]), hard_negatives_BxKxD=hn)
+        if mesh is None:
+            return L.in_batch_softmax(q, d, **opts)
+        return L.in_batch_softmax_sharded(q, d, mesh=mesh, **opts)
+    return loss
+
+
+def _sigmoid(mesh, dims=None):
+    def loss(params, batch):
+        q, d, _ = towers(params, batch)
+        fn = L.sigmoid_loss if mesh is None else functools.partial(L.sigmoid_loss_sharded, mesh=mesh)
+        if dims:
+            fn = L.matryoshka(fn, dims)
+        return fn(q, d, t=jnp.exp(params["log_s"]), b=params["bias"])
+    return loss
+
+
+def _dense(name):
+    def make(mesh):
+        del mesh  # GSPMD does the gathering: the same code runs sharded and on one device
+
+        def loss(params, batch):
+            q, d, hn = towers(params, batch)
+            t = jnp.exp(params["log_t"])
+            if name == "softmax":
+                return L.in_batch_softmax(q, d, temperature=t)
+            if name == "softmax_hn_same_tower_margin":
+                return L.in_batch_softmax(q, d, temperature=t, hard_negatives_BxKxD=hn, same_tower=True, margin=0.1)
+            if name == "softmax_q2d_hn":
+                return L.in_batch_softmax(q, d, temperature=t, hard_negatives_BxKxD=hn, bidirectional=False)
+            if name == "matryoshka_softmax_hn_same_tower":
+                fn = L.matryoshka(L.in_batch_softmax, dims=(16, 8, 4), weights=(1.0, 0.5, 0.25))
+                return fn(q, d, temperature=t, hard_negatives_BxKxD=hn, same_tower=True)
+            if name == "sigmoid":
+                return L.sigmoid_loss(q, d, t=jnp.exp(params["log_s"]), b=params["bias"])
+            if name == "cosent":
+                return L.cosent_loss(q, d, batch["scores"])
+            if name == "angle":
+                return L.angle_loss(q, d, batch["scores"], cosine_weight=0.5)
+            if name == "distill_kl":
+                s, mask = L.candidate_scores(q, d, hard_negatives_BxKxD=hn, same_tower=True)
+                return L.distill_kl(s, batch["teacher_BxN"], student_temperature=t, teacher_temperature=1.0,
+                                    mask_BxN=mask)
+            if name == "margin_mse":
+                return L.margin_mse(q, d, hn[:, 0], batch["teacher_pos"], batch["teacher_neg"], scale=5.0)
+            raise AssertionError(name)
+        return loss
+    return make
+
+
+CASES = {
+    **{n: _dense(n) for n in ("softmax", "softmax_hn_same_tower_margin", "softmax_q2d_hn",
+                              "matryoshka_softmax_hn_same_tower", "sigmoid", "cosent", "angle", "distill_kl",
+                              "margin_mse")},
+    # shard_map forms: the reference is the dense form on one device.
+    "sharded_softmax": lambda mesh: _softmax(mesh, with_hn=False),
+    "sharded_softmax_hn_same_tower_margin": lambda mesh: _softmax(mesh, same_tower=True, margin=0.1),
+    "sharded_softmax_q2d_hn": lambda mesh: _softmax(mesh, bidirectional=False),
+    "sharded_sigmoid": lambda mesh: _sigmoid(mesh),
+    "sharded_matryoshka_sigmoid": lambda mesh: _sigmoid(mesh, dims=(16, 4)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def single_device_reference(case):
+    params, batch = make_params_and_batch()
+    dev = jax.devices()[0]
+    params, batch = jax.device_put((params, batch), dev)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(CASES[case](None), has_aux=True))(params, batch)
+    return jax.device_get((loss, metrics, grads))
+
+
+def shard(mesh, params, batch):
+    param_specs = {"wq": P(None, "tensor"), "wd": P(None, "tensor"), "log_t": P(), "log_s": P(), "bias": P()}
+    params = {k: jax.device_put(v, NamedSharding(mesh, param_specs[k])) for k, v in params.items()}
+    batch = {k: jax.device_put(v, NamedSharding(mesh, P(BATCH, *([None] * (v.ndim - 1))))) for k, v in batch.items()}
+    return params, batch
+
+
+@pytest.mark.parametrize("shape", MESH_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_equals_single_device(case, shape):
+    mesh = make_mesh(shape)
+    ref_loss, ref_metrics, ref_grads = single_device_reference(case)
+    params, batch = shard(mesh, *make_params_and_batch())
+    assert len(batch["xq"].sharding.device_set) == 8
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(CASES[case](mesh), has_aux=True))(params, batch)
+    assert_rel_close(loss, ref_loss, what=f"{case} loss")
+    assert_rel_close(metrics, ref_metrics, what=f"{case} metrics")
+    assert_rel_close(grads, ref_grads, what=f"{case} grads")
+    # The comparison means something: gradients reach the encoder and any learned temperature / bias.
+    assert np.linalg.norm(ref_grads["wq"]) > 1e-4 and np.linalg.norm(ref_grads["wd"]) > 1e-4
+    if "softmax" in case or "distill" in case:
+        assert abs(ref_grads["log_t"]) > 1e-6
+    if "sigmoid" in case:
+        assert abs(ref_grads["log_s"]) > 1e-6 and abs(ref_grads["bias"]) > 1e-6
+
+
+def test_sharded_sigmoid_never_materialises_global_arrays():
+    """The ring form's compiled per-device program has no all-gather and no [B, B] / [B, D] array."""
+    mesh = make_mesh((4, 2, 1))
+    rng = np.random.default_rng(10)
+    big_B = 64
+    q, d = rand_unit(rng, big_B, D), rand_unit(rng, big_B, D)
+    spec = NamedSharding(mesh, P(BATCH, None))
+    q, d = jax.device_put(q, spec), jax.device_put(d, spec)
+
+    def f(q, d):
+        return L.sigmoid_loss_sharded(q, d, t=10.0, b=-5.0, mesh=mesh)[0]
+
+    hlo = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(q, d).compile().as_text()
+    assert "collective-permute" in hlo
+    assert "all-gather" not in hlo
+    assert f"[{big_B},{big_B}]" not in hlo and f"[{big_B},{D}]" not in hlo
+    # ... while the dense form under GSPMD does gather.
+    dense = jax.jit(jax.value_and_grad(lambda q, d: L.sigmoid_loss(q, d, t=10.0, b=-5.0)[0], argnums=(0, 1)))
+    assert "all-gather" in dense.lower(q, d).compile().as_text()
