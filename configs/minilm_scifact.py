@@ -26,7 +26,6 @@ def get_config(arg=None):
     c.optim.lr = 5e-5
     c.optim.warmup_steps = 6
     c.optim.weight_decay = 0.01
-    c.mesh.data = 8
     c.eval.tasks = (f"beir:{shipped_path('scifact')}:test",)
     c.log_every_steps = 5
     if arg == "tiny":

@@ -1,6 +1,6 @@
 """`embedjax` command line: the only place that parses flags.
 
-Subcommands: encode, eval (and, as they land: mine, train, export). Heavy imports happen inside each
+Subcommands: encode, train, eval, mine (and, as it lands, export). Heavy imports happen inside each
 subcommand so `embedjax --help` is instant.
 """
 from __future__ import annotations
@@ -80,11 +80,58 @@ def _run_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train / fine-tune from a config file",
+                       description="Train per a Python config (configs/*.py), with dotted overrides, e.g. "
+                                   "--config.optim.lr=3e-5 --config.batch_size=64.")
+    p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, final/ go here")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host, non-TPU clusters)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--fake-devices", type=int, default=None,
+                   help="simulate N devices on the CPU (sets XLA_FLAGS before JAX starts)")
+    p.set_defaults(func=_run_train)
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    import os
+
+    if args.fake_devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.fake_devices}").strip()
+    import jax
+
+    if args.coordinator:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()  # Cloud TPU VM pod slice: auto-detected
+
+
+def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from embedjax.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    _init_distributed(args)
+    from embedjax.trainer import train_and_evaluate
+
+    res = train_and_evaluate(cfg, args.workdir)
+    before, after = res.get("before", {}), res.get("after", {})
+    for k in after:
+        if k in before:
+            print(f"{k}: {before[k]:.4f} -> {after[k]:.4f} ({after[k] - before[k]:+.4f})")
+    print(f"trained to step {res['final_step']}; workdir {args.workdir}"
+          + (f"; final model {res['final_model']}" if res.get("final_model") else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedjax", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_encode(sub)
+    _add_train(sub)
     for name, modname in _EXTERNAL.items():
         try:
             mod = importlib.import_module(modname)
@@ -105,13 +152,19 @@ def _unavailable(name: str, missing: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if a.startswith("--config.")]
+    unknown = [a for a in extra if not a.startswith("--config.")]
+    if unknown or (overrides and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         _enable_compilation_cache()
+        if args.command == "train":
+            return int(args.func(args, overrides) or 0)
         return int(args.func(args) or 0)
     except (CLIError, FileNotFoundError, ValueError, TypeError) as e:
         if args.verbose:

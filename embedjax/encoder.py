@@ -29,7 +29,9 @@ class Encoder:
     """
 
     def __init__(self, config: ModelConfig, params: dict, tokenizer: Any, *, name: str = "",
-                 prompts: dict[str, str] | None = None, hf_config: dict | None = None):
+                 prompts: dict[str, str] | None = None, hf_config: dict | None = None, mesh: Any = None):
+        """`mesh`: when the params live on a device mesh (e.g. during training), batches are sharded over its
+        data axes so encoding is data parallel instead of replicated on every device."""
         import jax
 
         self.config = config
@@ -41,6 +43,7 @@ class Encoder:
         self._text = TextTokenizer(tokenizer, config.max_length)
         self._module = DualEncoder(config)
         self._compiled: set[tuple] = set()
+        self.mesh = mesh
         self._apply = jax.jit(self._forward, static_argnames=("tower", "normalize"))
 
     # --------------------------------------------------------------------------------------- construction
@@ -134,6 +137,12 @@ class Encoder:
         buckets = bucket_lengths(max_len)
         # One batch size per call (the next power of two >= N, capped), so small inputs stay cheap.
         rows = min(batch_size, 1 << max(0, (len(texts) - 1).bit_length()))
+        in_sharding = None
+        if self.mesh is not None:
+            from embedjax import sharding
+            dp = sharding.data_parallel_size(self.mesh)
+            rows = -(-rows // dp) * dp
+            in_sharding = sharding.batch_sharding(self.mesh)
         out = np.empty((len(texts), self.dim), np.float32)
         pending: list[tuple[np.ndarray, Any]] = []
         starts = range(0, len(texts), rows)
@@ -145,9 +154,12 @@ class Encoder:
             idx = order[s:s + rows]
             length = bucket_for(int(lengths[idx[0]]), buckets)
             ids, mask = self._text.pad([tok.ids[i] for i in idx], length, rows)
+            if in_sharding is not None:
+                import jax
+                ids, mask = jax.device_put(ids, in_sharding), jax.device_put(mask, in_sharding)
             self._compiled.add((rows, length, tower, norm))
             pending.append((idx, self._apply(self.params, ids, mask, tower=tower, normalize=norm)))
-            if len(pending) > 4:  # keep a few batches in flight, bound device memory
+            if len(pending) > 2:  # keep a few batches in flight, bound device memory
                 i0, e0 = pending.pop(0)
                 out[i0] = np.asarray(e0)[: len(i0)]
         for i0, e0 in pending:

@@ -6,13 +6,16 @@ top-1 accuracy where that is meaningful (see each docstring for what it means ot
 
 Under ``jax.jit`` with batch-sharded inputs (``NamedSharding`` over the data axes) GSPMD inserts the
 collectives, so the dense functions already see every document of the global batch as a negative. The
-``*_sharded`` forms spell the collectives out with ``jax.shard_map`` where that saves memory:
+``*_sharded`` forms spell the collectives out with ``jax.shard_map``:
 
 * :func:`in_batch_softmax_sharded` all-gathers documents (and hard negatives) and each device computes
-  only its own rows of the logits (``b x N`` instead of ``B x N``);
+  only its own rows of the logits (``b x N``, never ``B x N``). GSPMD partitions the dense form the same
+  way today (same compiled temp memory on CPU); this form makes that layout and its one all-gather explicit
+  instead of leaving them to the partitioner;
 * :func:`sigmoid_loss_sharded` never gathers: document shards travel around a ring of devices
   (``jax.lax.ppermute``), and a custom VJP rotates them again on the way back, so each device holds one
-  ``b x b`` logits block and ``O(b x D)`` residuals at a time.
+  ``b x b`` logits block and ``O(b x D)`` residuals at a time (B=4096, D=128, 8 devices: 2.25 MiB of
+  compiled temp memory per device for value and gradients, against 18 MiB for the dense form).
 
 Both equal their dense forms, value and gradients (``tests/test_losses.py`` checks it on 8 fake devices).
 
@@ -30,7 +33,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
@@ -70,7 +74,7 @@ def _check_positive(fn: str, name: str, value: Any) -> None:
     """Checks a concrete (Python / NumPy) scalar; traced values (learned parameters) pass through."""
     try:
         v = float(value)
-    except Exception:  # a tracer (learned temperature) or a non-scalar: nothing to check here
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):  # traced (learned) or not a scalar
         return
     if not v > 0:
         raise _err(fn, f"{name} must be > 0, got {v}")
@@ -183,7 +187,8 @@ def _in_batch_sums(q_bxD: jax.Array, d_bxD: jax.Array, q_BxD: jax.Array | None, 
     return sums
 
 
-def _in_batch_finish(sums: Mapping[str, jax.Array], B: int, temperature: jax.Array) -> tuple[jax.Array, Metrics]:
+def _in_batch_finish(sums: Mapping[str, jax.Array], B: int,
+                     temperature: jax.Array) -> tuple[jax.Array, Metrics]:
     m = {k: v / B for k, v in sums.items()}
     m["neg_sim"] = sums["neg_sim"] / max(B * (B - 1), 1)
     m["temperature"] = temperature
@@ -332,7 +337,10 @@ def _ring_sigmoid_bwd(axes, n, res, cts):
         sims = q_bxD @ d_chunk.T
         logits = t * sims + bias
         # d/dx -log sigmoid(y x) = -y sigmoid(-y x); for all-negative blocks (y = -1): sigmoid(x).
-        dlogits = g * (jax.nn.sigmoid(logits) if labels is None else -labels * jax.nn.sigmoid(-labels * logits))
+        if labels is None:
+            dlogits = g * jax.nn.sigmoid(logits)
+        else:
+            dlogits = -g * labels * jax.nn.sigmoid(-labels * logits)
         return t * (dlogits @ d_chunk), t * (dlogits.T @ q_bxD), jnp.sum(dlogits * sims), jnp.sum(dlogits)
 
     dq, dd_acc, dt, db = block_grads(d_bxD, labels_bxb)
@@ -500,7 +508,8 @@ def margin_mse(q_BxD: jax.Array, pos_BxD: jax.Array, neg_BxD: jax.Array, teacher
     want_neg = (B, neg_BxD.shape[1], D) if multi else (B, D)
     want_tn = (B, neg_BxD.shape[1]) if multi else (B,)
     if tuple(neg_BxD.shape) != want_neg:
-        raise _err(fn, f"neg_BxD must have shape [B, D] or [B, K, D] with B={B}, D={D}, got {tuple(neg_BxD.shape)}")
+        raise _err(fn, f"neg_BxD must have shape [B, D] or [B, K, D] with B={B}, D={D}, "
+                       f"got {tuple(neg_BxD.shape)}")
     for name, x, want in (("teacher_pos_B", teacher_pos_B, (B,)), ("teacher_neg_B", teacher_neg_B, want_tn)):
         if tuple(getattr(x, "shape", ())) != want:
             raise _err(fn, f"{name} must have shape {list(want)}, got {tuple(getattr(x, 'shape', ()))}")
@@ -559,7 +568,8 @@ def matryoshka(loss_fn: LossFn, dims: Sequence[int], weights: Sequence[float] | 
         total, metrics, per_dim = 0.0, {}, {}
         for dim, w in zip(dims_t, weights_t):
             a = [cut(x, dim) if i in argnums else x for i, x in enumerate(args)]
-            kw = {k: (cut(v, dim) if k in embedding_kwargs and v is not None else v) for k, v in kwargs.items()}
+            kw = {k: (cut(v, dim) if k in embedding_kwargs and v is not None else v)
+                  for k, v in kwargs.items()}
             loss, m = loss_fn(*a, **kw)
             total = total + w * loss
             per_dim[f"loss_dim{dim}"] = loss
@@ -568,7 +578,8 @@ def matryoshka(loss_fn: LossFn, dims: Sequence[int], weights: Sequence[float] | 
         return total, {**metrics, **per_dim}
 
     wrapped.__name__ = f"matryoshka_{getattr(loss_fn, '__name__', 'loss')}"
-    wrapped.__doc__ = f"Matryoshka over dims {list(dims_t)} (weights {list(weights_t)}) of:\n{loss_fn.__doc__}"
+    wrapped.__doc__ = (f"Matryoshka over dims {list(dims_t)} (weights {list(weights_t)}) of:\n"
+                       f"{loss_fn.__doc__}")
     return wrapped
 
 
@@ -606,8 +617,8 @@ def get_loss(name: str, **options: Any) -> LossFn:
     allowed = sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"embedjax.losses.get_loss({name!r}): unknown option(s) {unknown}; "
-                         f"valid: {allowed + ['matryoshka_dims', 'matryoshka_weights', 'matryoshka_normalize']}")
+        valid = allowed + ["matryoshka_dims", "matryoshka_weights", "matryoshka_normalize"]
+        raise ValueError(f"embedjax.losses.get_loss({name!r}): unknown option(s) {unknown}; valid: {valid}")
     loss = functools.partial(fn, **options) if options else fn
     if mat.get("matryoshka_dims"):
         if argnums is None:
@@ -616,5 +627,6 @@ def get_loss(name: str, **options: Any) -> LossFn:
         loss = matryoshka(loss, mat["matryoshka_dims"], mat.get("matryoshka_weights"),
                           normalize=mat.get("matryoshka_normalize", True), embedding_argnums=argnums)
     elif "matryoshka_weights" in mat:
-        raise ValueError(f"embedjax.losses.get_loss({name!r}): matryoshka_weights given without matryoshka_dims")
+        raise ValueError(f"embedjax.losses.get_loss({name!r}): matryoshka_weights given without "
+                         "matryoshka_dims")
     return loss

@@ -171,7 +171,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     step_fn = jit_train_step(make_train_step(model_cfg, objective, tx, grad_cache_chunks=config.grad_cache_chunks,
                                              lr_schedule=lr), shards, mesh)
     evaluators = build_evaluators(config)
-    encoder = Encoder(model_cfg, state.params["model"], tokenizer, name=str(workdir))
+    encoder = Encoder(model_cfg, state.params["model"], tokenizer, name=str(workdir), mesh=mesh)
     writer = MetricWriter(workdir)
     results: dict[str, Any] = {}
 

@@ -1,18 +1,19 @@
 """Hard-negative mining: ``embedjax mine --model PATH --data DIR --output FILE``.
 
-For each (query, positive) training pair of a BEIR folder: embed the corpus and the queries with the model, take the
-``candidates`` best-scoring documents per query, drop the query's positives (by id, and any document whose text
-equals a positive's), then apply the positive-aware filter of NV-Retriever (Moreira et al., 2024, "TopK-PercPos"):
-drop every candidate scoring above ``margin`` (0.95) times the positive's score, since those are likely unlabelled
-positives. The best ``negatives`` remaining are written, one JSON object per pair, in the triplet format
-`embedjax.data.sources.read_pairs` reads:
+For each (query, positive) training pair of a BEIR folder: embed the corpus and the queries with the model,
+take the ``candidates`` best-scoring documents per query, drop the query's positives (by id, and any document
+whose text equals a positive's), then apply the positive-aware filter of NV-Retriever (Moreira et al., 2024,
+"TopK-PercPos"): drop every candidate scoring above ``margin`` (0.95) times the positive's score, since those
+are likely unlabelled positives. The best ``negatives`` remaining are written, one JSON object per pair, in
+the triplet format `embedjax.data.sources.read_pairs` reads:
 
     {"query": str, "query_id": str, "positive": {"title", "text"}, "positive_id": str,
      "negatives": [{"title", "text"}, ...], "negative_ids": [str, ...], "scores": [pos, neg1, ...]}
 
-``scores`` are the mining model's cosine similarities (usable as teacher scores). The core, `mine_hard_negatives`,
-takes plain encode functions, so it is testable without a model.
+``scores`` are the mining model's cosine similarities (usable as teacher scores). The core,
+`mine_hard_negatives`, takes plain encode functions, so it is testable without a model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -40,16 +41,19 @@ class MiningStats:
     pairs: int = 0
     written: int = 0
     candidates: int = 0
-    dropped_positive: int = 0        # a positive of the query (by id or identical text)
-    dropped_margin: int = 0          # scored above margin x the positive's score (likely false negative)
-    pairs_short: int = 0             # pairs that got fewer than the requested number of negatives
+    dropped_positive: int = 0  # a positive of the query (by id or identical text)
+    dropped_margin: int = 0  # scored above margin x the positive's score (likely false negative)
+    pairs_short: int = 0  # pairs that got fewer than the requested number of negatives
     pairs_without_negatives: int = 0  # of which got none (still written, with an empty list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{self.written} triplets from {self.pairs} pairs; of {self.candidates} candidates dropped "
-                f"{self.dropped_positive} positives and {self.dropped_margin} above the margin; "
-                f"{self.pairs_short} pairs have fewer negatives than asked ({self.pairs_without_negatives} have none)")
+        return (
+            f"{self.written} triplets from {self.pairs} pairs; of {self.candidates} candidates dropped "
+            f"{self.dropped_positive} positives and {self.dropped_margin} above the margin; "
+            f"{self.pairs_short} pairs have fewer negatives than asked "
+            f"({self.pairs_without_negatives} have none)"
+        )
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -57,16 +61,26 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def mine_hard_negatives(queries: Mapping[str, str], corpus: Mapping[str, tuple[str, str]],
-                        qrels: Mapping[str, Mapping[str, int]], encode_queries: EncodeFn,
-                        encode_documents: EncodeFn, *, num_negatives: int = 8, candidates: int = 50,
-                        margin: float = 0.95, min_grade: int = 1, chunk: int = 256,
-                        progress: bool = True) -> tuple[list[dict], MiningStats]:
+def mine_hard_negatives(
+    queries: Mapping[str, str],
+    corpus: Mapping[str, tuple[str, str]],
+    qrels: Mapping[str, Mapping[str, int]],
+    encode_queries: EncodeFn,
+    encode_documents: EncodeFn,
+    *,
+    num_negatives: int = 8,
+    candidates: int = 50,
+    margin: float = 0.95,
+    min_grade: int = 1,
+    chunk: int = 256,
+    progress: bool = True,
+) -> tuple[list[dict], MiningStats]:
     """Triplets (see module docstring) for every (query, positive) in `qrels` with grade >= `min_grade`.
 
     `encode_*` map a list of texts to [N, D] embeddings (normalised here; scores are cosines). Documents are
-    encoded as ``(title + " " + text).strip()``. A query's positives are never negatives, nor is any document with
-    the same text as one of them; candidates scoring above ``margin * score(query, positive)`` are dropped.
+    encoded as ``(title + " " + text).strip()``. A query's positives are never negatives, nor is any document
+    with the same text as one of them; candidates scoring above ``margin * score(query, positive)`` are
+    dropped.
     """
     if not 0 < margin <= 1:
         raise ValueError(f"margin must be in (0, 1], got {margin}")
@@ -97,8 +111,10 @@ def mine_hard_negatives(queries: Mapping[str, str], corpus: Mapping[str, tuple[s
     Q = _normalize(encode_queries([queries[q] for q in qids]))
     stats.seconds["encode_queries"] = time.time() - t0
     if D.shape[0] != len(doc_ids) or Q.shape[0] != len(qids) or D.shape[1] != Q.shape[1]:
-        raise ValueError(f"encode functions returned shapes {Q.shape} / {D.shape} for {len(qids)} queries / "
-                         f"{len(doc_ids)} documents")
+        raise ValueError(
+            f"encode functions returned shapes {Q.shape} / {D.shape} for {len(qids)} queries / "
+            f"{len(doc_ids)} documents"
+        )
 
     t0 = time.time()
     k = min(candidates, len(doc_ids))
@@ -106,12 +122,16 @@ def mine_hard_negatives(queries: Mapping[str, str], corpus: Mapping[str, tuple[s
     rng = range(0, len(qids), chunk)
     if progress:
         from tqdm.auto import tqdm
+
         rng = tqdm(rng, desc="mine: search", unit="chunk")
     for s in rng:
-        S = Q[s:s + chunk] @ D.T  # [q, N]
-        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else np.tile(np.arange(S.shape[1]),
-                                                                                         (S.shape[0], 1))
-        for r, q in enumerate(qids[s:s + chunk]):
+        S = Q[s : s + chunk] @ D.T  # [q, N]
+        top = (
+            np.argpartition(-S, k - 1, axis=1)[:, :k]
+            if k < S.shape[1]
+            else np.tile(np.arange(S.shape[1]), (S.shape[0], 1))
+        )
+        for r, q in enumerate(qids[s : s + chunk]):
             cand = top[r][np.lexsort((top[r], -S[r, top[r]]))]  # by score desc, ties by row
             by_query[q] = (cand, S[r])
 
@@ -138,11 +158,17 @@ def mine_hard_negatives(queries: Mapping[str, str], corpus: Mapping[str, tuple[s
             stats.pairs_short += 1
             stats.pairs_without_negatives += not negs
         title, text = corpus[d]
-        out.append({"query": queries[q], "query_id": q, "positive": {"title": title, "text": text},
-                    "positive_id": d,
-                    "negatives": [{"title": corpus[doc_ids[c]][0], "text": corpus[doc_ids[c]][1]} for c in negs],
-                    "negative_ids": [doc_ids[c] for c in negs],
-                    "scores": [round(pos_score, 6)] + [round(float(scores[c]), 6) for c in negs]})
+        out.append(
+            {
+                "query": queries[q],
+                "query_id": q,
+                "positive": {"title": title, "text": text},
+                "positive_id": d,
+                "negatives": [{"title": corpus[doc_ids[c]][0], "text": corpus[doc_ids[c]][1]} for c in negs],
+                "negative_ids": [doc_ids[c] for c in negs],
+                "scores": [round(pos_score, 6)] + [round(float(scores[c]), 6) for c in negs],
+            }
+        )
     stats.written = len(out)
     stats.seconds["search"] = time.time() - t0
     return out, stats
@@ -160,19 +186,27 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------------------------ CLI
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "mine", help="mine hard negatives for a BEIR folder's training pairs (writes triplets JSONL)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
+        "mine",
+        help="mine hard negatives for a BEIR folder's training pairs (writes triplets JSONL)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
     p.add_argument("--model", required=True, help="model folder or hub id (loaded with embedjax.Encoder)")
     p.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
     p.add_argument("--output", required=True, help="output .jsonl of triplets")
     p.add_argument("--split", default="train", help="qrels split to mine for (default: train)")
     p.add_argument("--negatives", type=int, default=8, help="negatives per pair (default: 8)")
-    p.add_argument("--candidates", type=int, default=50, help="top-k documents considered per query (default: 50)")
-    p.add_argument("--margin", type=float, default=0.95,
-                   help="drop candidates scoring above MARGIN x the positive's score (default: 0.95)")
+    p.add_argument(
+        "--candidates", type=int, default=50, help="top-k documents considered per query (default: 50)"
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.95,
+        help="drop candidates scoring above MARGIN x the positive's score (default: 0.95)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's)")
     p.add_argument("--query-prompt", default=None, help="string prepended to queries, e.g. 'query: '")
@@ -193,13 +227,26 @@ def run(args: argparse.Namespace) -> int:
     log.info("loaded %r in %.1fs", enc, time.time() - t0)
 
     def encode(texts: list[str], tower: str, prompt: str | None) -> np.ndarray:
-        return enc.encode(texts, batch_size=args.batch_size, max_length=args.max_length, prompt=prompt,
-                          normalize=True, tower=tower, show_progress=len(texts) > 256)
+        return enc.encode(
+            texts,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            prompt=prompt,
+            normalize=True,
+            tower=tower,
+            show_progress=len(texts) > 256,
+        )
 
     rows, stats = mine_hard_negatives(
-        beir.queries, beir.corpus, beir.qrels[args.split],
-        lambda t: encode(t, "query", args.query_prompt), lambda t: encode(t, "document", args.document_prompt),
-        num_negatives=args.negatives, candidates=args.candidates, margin=args.margin)
+        beir.queries,
+        beir.corpus,
+        beir.qrels[args.split],
+        lambda t: encode(t, "query", args.query_prompt),
+        lambda t: encode(t, "document", args.document_prompt),
+        num_negatives=args.negatives,
+        candidates=args.candidates,
+        margin=args.margin,
+    )
     write_jsonl(rows, out)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in stats.seconds.items())
     print(f"mined {out}: {stats.summary()} ({secs})")

@@ -1,31 +1,34 @@
-"""Training batches from tokenized examples: bucketed fixed shapes, no repeated text, per-host, exactly resumable.
+"""Training batches from tokenized examples: bucketed fixed shapes, no repeated text, per host, resumable.
 
-The seqio tasks (`embedjax.data.tasks`) turn files into tokenized examples; this module (numpy only, no TF) turns
-those into batches:
+The seqio tasks (`embedjax.data.tasks`) turn files into tokenized examples; this module (numpy only, no TF)
+turns those into batches:
 
 * `TokenizedSet`: one task's tokenized examples on this host, as flat numpy arrays.
-* `BucketFeatureConverter`: picks of examples -> a dict of fixed-shape padded arrays. The sequence length of a batch is
-  the smallest bucket (``embedjax.tokenize.bucket_lengths``, shared with `Encoder`) that holds its longest row, so a
-  training run compiles one step per (query bucket, document bucket) pair at most.
-* `ContrastiveBatchIterator`: an endless iterator over one host's share. Each task is read in a fresh permutation
-  per epoch; tasks are mixed by rate (one task per batch, or per example); and with ``dedup`` no text (query, positive
-  or chosen negative) appears twice in a batch: an example that would repeat a text is deferred to a later batch,
-  never dropped. Its whole position is `get_state()` (a small JSON-able dict); `set_state()` on a fresh iterator over
-  the same data continues with exactly the batch an uninterrupted run would have produced.
+* `BucketFeatureConverter`: picks of examples -> a dict of fixed-shape padded arrays. The sequence length of a
+  batch is the smallest bucket (``embedjax.tokenize.bucket_lengths``, shared with `Encoder`) that holds its
+  longest row, so a training run compiles one step per (query bucket, document bucket) pair at most.
+* `ContrastiveBatchIterator`: an endless iterator over one host's share. Each task is read in a fresh
+  permutation per epoch; tasks are mixed by rate (one task per batch, or per example); and with ``dedup`` no
+  text (query, positive or chosen negative) appears twice in a batch: an example that would repeat a text is
+  deferred to a later batch, never dropped. Its whole position is `get_state()` (a small JSON-able dict);
+  `set_state()` on a fresh iterator over the same data continues with exactly the batch an uninterrupted run
+  would have produced.
 * `make_global_batch`: local batches of all processes -> global ``jax.Array``s on the training mesh.
 
 Random choices (task of a batch, per-epoch order, negatives) come from counter-based generators seeded with
-``(seed, step)`` or ``(seed, task, epoch, ...)``, so the state needs no RNG blob and all hosts agree on the task of
-each step. Global uniqueness across hosts holds when each host holds whole "text groups" (examples that share any
-text live on one host), which is how `tasks.LocalTfdsSource` shards by default.
+``(seed, step)`` or ``(seed, task, epoch, ...)``, so the state needs no RNG blob and all hosts agree on the
+task of each step. Global uniqueness across hosts holds when each host holds whole "text groups" (examples
+that share any text live on one host), which is how `tasks.LocalTfdsSource` shards by default.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import logging
 import zlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -38,7 +41,7 @@ STATE_VERSION = 1
 Batch = dict[str, np.ndarray]
 
 
-# ------------------------------------------------------------------------------------------------ tokenized data
+# ------------------------------------------------------------------------------------------- tokenized data
 def _offsets(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(np.asarray(lengths, np.int64), out=out[1:])
@@ -50,9 +53,10 @@ class TokenizedSet:
     """One task's tokenized examples (this host's share), stored flat.
 
     Row ``i``: query ids ``query_ids[query_off[i]:query_off[i+1]]``; positive likewise; its negatives are rows
-    ``neg_row_off[i]:neg_row_off[i+1]`` of the negatives table, whose ids are ``neg_ids[neg_off[r]:neg_off[r+1]]``;
-    its text keys (hashes: query, positive, negatives...) ``keys[key_off[i]:key_off[i+1]]``; its scores (empty or
-    1 + #negatives) ``scores[score_off[i]:score_off[i+1]]``. ``idx`` is the row's position in its source file.
+    ``neg_row_off[i]:neg_row_off[i+1]`` of the negatives table, whose ids are
+    ``neg_ids[neg_off[r]:neg_off[r+1]]``; its text keys (hashes: query, positive, negatives...)
+    ``keys[key_off[i]:key_off[i+1]]``; its scores (empty or 1 + #negatives)
+    ``scores[score_off[i]:score_off[i+1]]``. ``idx`` is the row's position in its source file.
     """
 
     idx: np.ndarray
@@ -72,17 +76,24 @@ class TokenizedSet:
         return len(self.idx)
 
     @classmethod
-    def from_lists(cls, idx: Sequence[int], queries: Sequence[Sequence[int]], positives: Sequence[Sequence[int]],
-                   negatives: Sequence[Sequence[Sequence[int]]] | None = None,
-                   keys: Sequence[Sequence[int]] | None = None,
-                   scores: Sequence[Sequence[float]] | None = None) -> "TokenizedSet":
+    def from_lists(
+        cls,
+        idx: Sequence[int],
+        queries: Sequence[Sequence[int]],
+        positives: Sequence[Sequence[int]],
+        negatives: Sequence[Sequence[Sequence[int]]] | None = None,
+        keys: Sequence[Sequence[int]] | None = None,
+        scores: Sequence[Sequence[float]] | None = None,
+    ) -> TokenizedSet:
         """Builds a set from Python lists. Without `keys`, texts are keyed by their token ids."""
         n = len(idx)
         negatives = negatives if negatives is not None else [[] for _ in range(n)]
         scores = scores if scores is not None else [[] for _ in range(n)]
         if keys is None:
-            keys = [[_ids_key(q), _ids_key(p)] + [_ids_key(x) for x in ns]
-                    for q, p, ns in zip(queries, positives, negatives)]
+            keys = [
+                [_ids_key(q), _ids_key(p)] + [_ids_key(x) for x in ns]
+                for q, p, ns in zip(queries, positives, negatives)
+            ]
         if not (len(queries) == len(positives) == len(negatives) == len(keys) == len(scores) == n):
             raise ValueError("all per-example lists must have the same length")
         neg_rows = [r for ns in negatives for r in ns]
@@ -90,22 +101,37 @@ class TokenizedSet:
         def flat(rows: Sequence[Sequence[Any]], dtype: Any) -> np.ndarray:
             return np.fromiter((x for r in rows for x in r), dtype) if rows else np.zeros(0, dtype)
 
-        return cls(np.asarray(idx, np.int64), flat(queries, np.int32), _offsets([len(q) for q in queries]),
-                   flat(positives, np.int32), _offsets([len(p) for p in positives]),
-                   flat(neg_rows, np.int32), _offsets([len(r) for r in neg_rows]),
-                   _offsets([len(ns) for ns in negatives]), flat(keys, np.int64), _offsets([len(k) for k in keys]),
-                   flat(scores, np.float32), _offsets([len(s) for s in scores]))
+        return cls(
+            np.asarray(idx, np.int64),
+            flat(queries, np.int32),
+            _offsets([len(q) for q in queries]),
+            flat(positives, np.int32),
+            _offsets([len(p) for p in positives]),
+            flat(neg_rows, np.int32),
+            _offsets([len(r) for r in neg_rows]),
+            _offsets([len(ns) for ns in negatives]),
+            flat(keys, np.int64),
+            _offsets([len(k) for k in keys]),
+            flat(scores, np.float32),
+            _offsets([len(s) for s in scores]),
+        )
 
     def validate(self, name: str = "") -> None:
         """Checks the offsets are consistent (catches a broken conversion early)."""
         n = len(self.idx)
-        for field, off, data in (("query", self.query_off, self.query_ids), ("positive", self.pos_off, self.pos_ids),
-                                 ("neg_row", self.neg_row_off, None), ("keys", self.key_off, self.keys),
-                                 ("scores", self.score_off, self.scores)):
+        for field, off, data in (
+            ("query", self.query_off, self.query_ids),
+            ("positive", self.pos_off, self.pos_ids),
+            ("neg_row", self.neg_row_off, None),
+            ("keys", self.key_off, self.keys),
+            ("scores", self.score_off, self.scores),
+        ):
             if len(off) != n + 1 or off[0] != 0 or np.any(np.diff(off) < 0):
                 raise ValueError(f"TokenizedSet {name}: bad {field} offsets")
             if data is not None and off[-1] != len(data):
-                raise ValueError(f"TokenizedSet {name}: {field} offsets end at {off[-1]}, data has {len(data)}")
+                raise ValueError(
+                    f"TokenizedSet {name}: {field} offsets end at {off[-1]}, data has {len(data)}"
+                )
         if self.neg_off[-1] != len(self.neg_ids) or len(self.neg_off) != self.neg_row_off[-1] + 1:
             raise ValueError(f"TokenizedSet {name}: bad negatives offsets")
         nk = np.diff(self.key_off)
@@ -117,23 +143,23 @@ class TokenizedSet:
             raise ValueError(f"TokenizedSet {name}: scores must be empty or 1 + #negatives per example")
 
     def query(self, i: int) -> np.ndarray:
-        return self.query_ids[self.query_off[i]:self.query_off[i + 1]]
+        return self.query_ids[self.query_off[i] : self.query_off[i + 1]]
 
     def positive(self, i: int) -> np.ndarray:
-        return self.pos_ids[self.pos_off[i]:self.pos_off[i + 1]]
+        return self.pos_ids[self.pos_off[i] : self.pos_off[i + 1]]
 
     def num_negatives(self, i: int) -> int:
         return int(self.neg_row_off[i + 1] - self.neg_row_off[i])
 
     def negative(self, i: int, j: int) -> np.ndarray:
         r = self.neg_row_off[i] + j
-        return self.neg_ids[self.neg_off[r]:self.neg_off[r + 1]]
+        return self.neg_ids[self.neg_off[r] : self.neg_off[r + 1]]
 
     def example_keys(self, i: int) -> np.ndarray:
-        return self.keys[self.key_off[i]:self.key_off[i + 1]]
+        return self.keys[self.key_off[i] : self.key_off[i + 1]]
 
     def example_scores(self, i: int) -> np.ndarray:
-        return self.scores[self.score_off[i]:self.score_off[i + 1]]
+        return self.scores[self.score_off[i] : self.score_off[i + 1]]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -143,10 +169,13 @@ class TokenizedSet:
 
 
 def _ids_key(ids: Sequence[int]) -> int:
-    return int.from_bytes(hashlib.blake2b(np.asarray(ids, np.int32).tobytes(), digest_size=8).digest(), "little") >> 2
+    return (
+        int.from_bytes(hashlib.blake2b(np.asarray(ids, np.int32).tobytes(), digest_size=8).digest(), "little")
+        >> 2
+    )
 
 
-# ------------------------------------------------------------------------------------------------ padding
+# -------------------------------------------------------------------------------------------------- padding
 @dataclasses.dataclass(frozen=True)
 class Pick:
     """One batch row: example `i` of `task`, with the chosen negatives (indices into its negatives)."""
@@ -161,12 +190,20 @@ class BucketFeatureConverter:
 
     Keys: ``query_ids``/``query_mask`` [B, Lq]; ``positive_ids``/``positive_mask`` [B, Ld]; with negatives
     ``negative_ids``/``negative_mask`` [B, K, Ld] and ``negative_valid`` [B, K]; ``scores`` [B, 1+K] and
-    ``scores_valid`` [B, 1+K] (teacher / gold scores, valid where the example has them); ``task_id`` [B] (index into
-    `task_names`); ``example_idx`` [B] (row in the source file). Lq and Ld are buckets (`bucket_lengths`).
+    ``scores_valid`` [B, 1+K] (teacher / gold scores, valid where the example has them); ``task_id`` [B]
+    (index into `task_names`); ``example_idx`` [B] (row in the source file). Lq and Ld are buckets
+    (`bucket_lengths`).
     """
 
-    def __init__(self, query_buckets: Sequence[int], doc_buckets: Sequence[int], *, num_negatives: int = 0,
-                 pad_id: int = 0, task_names: Sequence[str] = ()):
+    def __init__(
+        self,
+        query_buckets: Sequence[int],
+        doc_buckets: Sequence[int],
+        *,
+        num_negatives: int = 0,
+        pad_id: int = 0,
+        task_names: Sequence[str] = (),
+    ):
         if not query_buckets or not doc_buckets:
             raise ValueError("bucket lists must not be empty")
         self.query_buckets = tuple(sorted(query_buckets))
@@ -183,8 +220,10 @@ class BucketFeatureConverter:
         Lq = bucket_for(max(len(q) for q in qs), self.query_buckets)
         Ld = bucket_for(max([len(x) for x in ps] + [len(x) for row in ns for x in row]), self.doc_buckets)
         if max(len(q) for q in qs) > Lq or max(len(x) for x in ps) > Ld:
-            raise ValueError(f"a sequence is longer than the largest bucket ({Lq}, {Ld}); tokenize with a lower "
-                             "max length or add a bucket")
+            raise ValueError(
+                f"a sequence is longer than the largest bucket ({Lq}, {Ld}); tokenize with a lower "
+                "max length or add a bucket"
+            )
         out: Batch = {}
         out["query_ids"], out["query_mask"] = self._pad(qs, Lq)
         out["positive_ids"], out["positive_mask"] = self._pad(ps, Ld)
@@ -194,8 +233,8 @@ class BucketFeatureConverter:
             valid = np.zeros((B, K), bool)
             for b, row in enumerate(ns):
                 for k, x in enumerate(row[:K]):
-                    neg_ids[b, k, :len(x)] = x
-                    neg_mask[b, k, :len(x)] = 1
+                    neg_ids[b, k, : len(x)] = x
+                    neg_mask[b, k, : len(x)] = 1
                     valid[b, k] = True
             out["negative_ids"], out["negative_mask"], out["negative_valid"] = neg_ids, neg_mask, valid
         scores = np.zeros((B, 1 + K), np.float32)
@@ -204,8 +243,8 @@ class BucketFeatureConverter:
             s = data[p.task].example_scores(p.i)
             if len(s):
                 chosen = [0] + [1 + j for j in p.negs[:K]]
-                scores[b, :len(chosen)] = s[chosen]
-                svalid[b, :len(chosen)] = True
+                scores[b, : len(chosen)] = s[chosen]
+                svalid[b, : len(chosen)] = True
         out["scores"], out["scores_valid"] = scores, svalid
         out["task_id"] = np.asarray([self.task_ids.get(p.task, -1) for p in picks], np.int32)
         out["example_idx"] = np.asarray([data[p.task].idx[p.i] for p in picks], np.int32)
@@ -215,12 +254,12 @@ class BucketFeatureConverter:
         ids = np.full((len(rows), length), self.pad_id, np.int32)
         mask = np.zeros((len(rows), length), np.int32)
         for b, x in enumerate(rows):
-            ids[b, :len(x)] = x
-            mask[b, :len(x)] = 1
+            ids[b, : len(x)] = x
+            mask[b, : len(x)] = 1
         return ids, mask
 
 
-# ------------------------------------------------------------------------------------------------ the iterator
+# --------------------------------------------------------------------------------------------- the iterator
 def _rng(*words: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words])))
 
@@ -234,8 +273,10 @@ def validate_rates(rates: Mapping[str, float], what: str = "mixture") -> dict[st
             raise DataError(f"{what}: task {t!r} has rate {r}; rates must be finite and >= 0")
     live = {t: float(r) for t, r in rates.items() if r > 0}
     if not live:
-        raise DataError(f"{what}: every task has rate 0 ({', '.join(f'{t}: {r}' for t, r in rates.items())}); "
-                        "nothing to sample")
+        raise DataError(
+            f"{what}: every task has rate 0 ({', '.join(f'{t}: {r}' for t, r in rates.items())}); "
+            "nothing to sample"
+        )
     dropped = sorted(set(rates) - set(live))
     if dropped:
         log.info("%s: tasks with rate 0 are not sampled: %s", what, dropped)
@@ -250,16 +291,26 @@ class ContrastiveBatchIterator:
       rates: task name -> mixing rate (relative; a rate-0 task is not sampled). Default: proportional to size.
       batch_size: rows per batch on this host (the global batch divided by the number of processes).
       converter: pads picks to arrays (default: buckets from the longest sequences, no negatives).
-      num_negatives: hard negatives per row (sampled from the example's list each epoch; missing ones are masked).
-      group_by_task: every batch holds one task (chosen by rate with a (seed, step) generator, the same on all hosts);
+      num_negatives: hard negatives per row (sampled from the example's list each epoch; missing ones are
+      masked). group_by_task: every batch holds one task (chosen by rate with a (seed, step) generator, the
+      same on all hosts);
         else each row's task is drawn by rate.
       dedup: no text appears twice in a batch (later rows that would repeat one are deferred, not dropped).
       seed: base seed of every random choice.
     """
 
-    def __init__(self, data: Mapping[str, TokenizedSet], batch_size: int, *, rates: Mapping[str, float] | None = None,
-                 converter: BucketFeatureConverter | None = None, num_negatives: int = 0, group_by_task: bool = True,
-                 dedup: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        data: Mapping[str, TokenizedSet],
+        batch_size: int,
+        *,
+        rates: Mapping[str, float] | None = None,
+        converter: BucketFeatureConverter | None = None,
+        num_negatives: int = 0,
+        group_by_task: bool = True,
+        dedup: bool = True,
+        seed: int = 0,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data = dict(sorted(data.items()))
@@ -280,12 +331,21 @@ class ContrastiveBatchIterator:
         self.num_negatives = int(num_negatives)
         if converter is None:
             qmax = max(int(np.diff(ts.query_off).max()) for ts in self.data.values() if len(ts))
-            dmax = max(max(int(np.diff(ts.pos_off).max()), int(np.diff(ts.neg_off).max(initial=0)))
-                       for ts in self.data.values() if len(ts))
-            converter = BucketFeatureConverter(bucket_lengths(qmax), bucket_lengths(dmax),
-                                               num_negatives=num_negatives, task_names=list(self.data))
+            dmax = max(
+                max(int(np.diff(ts.pos_off).max()), int(np.diff(ts.neg_off).max(initial=0)))
+                for ts in self.data.values()
+                if len(ts)
+            )
+            converter = BucketFeatureConverter(
+                bucket_lengths(qmax),
+                bucket_lengths(dmax),
+                num_negatives=num_negatives,
+                task_names=list(self.data),
+            )
         if converter.num_negatives != self.num_negatives:
-            raise ValueError(f"converter has num_negatives={converter.num_negatives}, iterator {self.num_negatives}")
+            raise ValueError(
+                f"converter has num_negatives={converter.num_negatives}, iterator {self.num_negatives}"
+            )
         self.converter = converter
         self.group_by_task = bool(group_by_task)
         self.dedup = bool(dedup)
@@ -294,34 +354,52 @@ class ContrastiveBatchIterator:
         self.dropped_negatives: dict[str, int] = {}
         self._valid_negs = {t: self._clean_negatives(t, ts) for t, ts in self.data.items()}
         self._fingerprint = hashlib.sha256(
-            "|".join(f"{t}:{ts.fingerprint()}" for t, ts in self.data.items()).encode()).hexdigest()[:16]
+            "|".join(f"{t}:{ts.fingerprint()}" for t, ts in self.data.items()).encode()
+        ).hexdigest()[:16]
         self._perm_cache: dict[tuple[str, int], np.ndarray] = {}
         self.step = 0
         self._pos = {t: {"epoch": 0, "position": 0, "deferred": []} for t in self.data}
 
-    # ---------------------------------------------------------------------------------------- state
+    # ------------------------------------------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
         """The iterator's position as a JSON-able dict (store it next to the model checkpoint)."""
-        return {"version": STATE_VERSION, "step": self.step, "seed": self.seed, "data": self._fingerprint,
-                "tasks": {t: {"epoch": s["epoch"], "position": s["position"], "deferred": list(s["deferred"])}
-                          for t, s in self._pos.items()}}
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "seed": self.seed,
+            "data": self._fingerprint,
+            "tasks": {
+                t: {"epoch": s["epoch"], "position": s["position"], "deferred": list(s["deferred"])}
+                for t, s in self._pos.items()
+            },
+        }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restores `get_state()` output; the next batch is the one that followed it originally."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"iterator state version {state.get('version')!r}, expected {STATE_VERSION}")
         if state.get("data") != self._fingerprint:
-            raise ValueError("iterator state was saved for different data (another dataset, tokenizer, host shard "
-                             f"or process count): state {state.get('data')!r}, this iterator {self._fingerprint!r}")
+            raise ValueError(
+                "iterator state was saved for different data (another dataset, tokenizer, host shard "
+                f"or process count): state {state.get('data')!r}, this iterator {self._fingerprint!r}"
+            )
         if int(state["seed"]) != self.seed:
             raise ValueError(f"iterator state has seed {state['seed']}, this iterator {self.seed}")
         if set(state["tasks"]) != set(self._pos):
-            raise ValueError(f"iterator state has tasks {sorted(state['tasks'])}, this iterator {sorted(self._pos)}")
+            raise ValueError(
+                f"iterator state has tasks {sorted(state['tasks'])}, this iterator {sorted(self._pos)}"
+            )
         self.step = int(state["step"])
-        self._pos = {t: {"epoch": int(s["epoch"]), "position": int(s["position"]),
-                         "deferred": [int(i) for i in s["deferred"]]} for t, s in state["tasks"].items()}
+        self._pos = {
+            t: {
+                "epoch": int(s["epoch"]),
+                "position": int(s["position"]),
+                "deferred": [int(i) for i in s["deferred"]],
+            }
+            for t, s in state["tasks"].items()
+        }
 
-    # ---------------------------------------------------------------------------------------- iteration
+    # --------------------------------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Batch]:
         return self
 
@@ -337,7 +415,7 @@ class ContrastiveBatchIterator:
         return self.converter(picks, self.data)
 
     def _clean_negatives(self, task: str, ts: TokenizedSet) -> list[np.ndarray]:
-        """Per example, the negatives whose text is neither its query nor its positive (nor an earlier negative)."""
+        """Per example, the negatives whose text is not its query, its positive or an earlier negative."""
         out, dropped = [], 0
         for i in range(len(ts)):
             k = ts.example_keys(i)
@@ -351,8 +429,11 @@ class ContrastiveBatchIterator:
                     keep.append(j)
             out.append(np.asarray(keep, np.int32))
         if dropped:
-            log.warning("task %r: %d negative(s) equal to their own query, positive or another negative are not used",
-                        task, dropped)
+            log.warning(
+                "task %r: %d negative(s) equal to their own query, positive or another negative are not used",
+                task,
+                dropped,
+            )
         self.dropped_negatives[task] = dropped
         return out
 
@@ -361,7 +442,9 @@ class ContrastiveBatchIterator:
         if key not in self._perm_cache:
             if len(self._perm_cache) > 4 * len(self.data):
                 self._perm_cache.clear()
-            self._perm_cache[key] = _rng(self.seed, self._crc[task], epoch, 0xE90C).permutation(len(self.data[task]))
+            self._perm_cache[key] = _rng(self.seed, self._crc[task], epoch, 0xE90C).permutation(
+                len(self.data[task])
+            )
         return self._perm_cache[key]
 
     def _candidate(self, task: str, i: int) -> tuple[tuple[int, ...], set[int]]:
@@ -403,15 +486,18 @@ class ContrastiveBatchIterator:
             if scanned > n or len(st["deferred"]) > max(n, 4 * self.batch_size):
                 raise DataError(
                     f"task {task!r}: cannot fill a batch of {self.batch_size} rows without repeating a text "
-                    f"({n} examples on this host, {len(st['deferred'])} waiting because they share text with rows "
-                    "already in the batch); lower the batch size or pass dedup=False")
+                    f"({n} examples on this host, {len(st['deferred'])} waiting because they share text with "
+                    "rows already in the batch); lower the batch size or pass dedup=False"
+                )
 
 
-# ------------------------------------------------------------------------------------------------ multi-host
+# ----------------------------------------------------------------------------------------------- multi-host
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """The rows each process contributes; the global batch must split evenly."""
     if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {process_count} processes"
+        )
     return global_batch_size // process_count
 
 
@@ -426,9 +512,11 @@ def batch_sharding(mesh: Any, data_axes: str | Sequence[str] = ("data",)) -> Any
 def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
     """Each process's local rows -> global ``jax.Array``s sharded by `sharding` over the batch dimension.
 
-    Every process passes its own `local_batch` (same keys, shapes and dtypes on all processes); the global batch
-    dimension is the sum of the local ones, each process's rows landing on its own devices.
+    Every process passes its own `local_batch` (same keys, shapes and dtypes on all processes); the global
+    batch dimension is the sum of the local ones, each process's rows landing on its own devices.
     """
     import jax
 
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
+    }

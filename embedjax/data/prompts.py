@@ -1,4 +1,4 @@
-"""Task prompts and instructions, applied the same way in Python (inference, mining) and in TensorFlow (seqio).
+"""Task prompts and instructions, applied alike in Python (inference, mining) and in TensorFlow (seqio).
 
 A `Prompt` is two templates, one per tower, over these fields:
 
@@ -6,8 +6,8 @@ A `Prompt` is two templates, one per tower, over these fields:
 * document template: ``{text}``, ``{title}`` (``empty_title`` when the document has none), ``{doc}`` (BEIR's
   ``(title + " " + text).strip()``), ``{task}``, ``{instruction}`` (= ``document_instruction``).
 
-The result is stripped of surrounding whitespace (Python's ``str.strip``), so an empty instruction leaves no stray
-space. Presets (`prompt_preset`):
+The result is stripped of surrounding whitespace (Python's ``str.strip``), so an empty instruction leaves no
+stray space. Presets (`prompt_preset`):
 
 =============  =========================================  ==================================================
 name           query                                      document
@@ -18,6 +18,7 @@ name           query                                      document
 ``instructor`` ``{instruction} {text}``                   ``{instruction} {doc}``
 =============  =========================================  ==================================================
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,10 @@ import string
 from typing import Any
 
 # Python's str.isspace() characters, as an RE2 class (TF's own strip is ASCII-only).
-_PY_SPACE = r"[\t\n\x0b\x0c\r\x{1c}-\x{1f} \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
+_PY_SPACE = (
+    r"[\t\n\x0b\x0c\r\x{1c}-\x{1f} \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}"
+    r"\x{3000}]"
+)
 _QUERY_FIELDS = frozenset({"text", "task", "instruction"})
 _DOC_FIELDS = frozenset({"text", "title", "doc", "task", "instruction"})
 
@@ -42,31 +46,49 @@ class Prompt:
     empty_title: str = ""
 
     def __post_init__(self) -> None:
-        for name, tmpl, allowed in (("query", self.query, _QUERY_FIELDS), ("document", self.document, _DOC_FIELDS)):
+        for name, tmpl, allowed in (
+            ("query", self.query, _QUERY_FIELDS),
+            ("document", self.document, _DOC_FIELDS),
+        ):
             fields = _fields(tmpl)
             bad = sorted(set(fields) - allowed)
             if bad:
-                raise ValueError(f"prompt {name} template {tmpl!r}: unknown field(s) {bad}; allowed: {sorted(allowed)}")
+                raise ValueError(
+                    f"prompt {name} template {tmpl!r}: unknown field(s) {bad}; allowed: {sorted(allowed)}"
+                )
             if "task" in fields and not self.task:
-                raise ValueError(f"prompt {name} template {tmpl!r} uses {{task}} but no task description was given")
+                raise ValueError(
+                    f"prompt {name} template {tmpl!r} uses {{task}} but no task description was given"
+                )
         if "instruction" in _fields(self.query) and not self.query_instruction:
-            raise ValueError(f"prompt query template {self.query!r} uses {{instruction}} but query_instruction is empty")
+            raise ValueError(
+                f"prompt query template {self.query!r} uses {{instruction}} but query_instruction is empty"
+            )
         if "instruction" in _fields(self.document) and not self.document_instruction:
-            raise ValueError(f"prompt document template {self.document!r} uses {{instruction}} "
-                             "but document_instruction is empty")
+            raise ValueError(
+                f"prompt document template {self.document!r} uses {{instruction}} "
+                "but document_instruction is empty"
+            )
 
-    # ------------------------------------------------------------------------------------------- Python
+    # ------------------------------------------------------------------------------------------------ Python
     def format_query(self, text: str) -> str:
         return self.query.format(text=text, task=self.task, instruction=self.query_instruction).strip()
 
     def format_document(self, text: str, title: str = "") -> str:
-        return self.document.format(text=text, title=title or self.empty_title, doc=(title + " " + text).strip(),
-                                    task=self.task, instruction=self.document_instruction).strip()
+        return self.document.format(
+            text=text,
+            title=title or self.empty_title,
+            doc=(title + " " + text).strip(),
+            task=self.task,
+            instruction=self.document_instruction,
+        ).strip()
 
-    # ------------------------------------------------------------------------------------------- TensorFlow
+    # -------------------------------------------------------------------------------------------- TensorFlow
     def format_query_tf(self, text: Any) -> Any:
         """`format_query` on a string tensor (any shape)."""
-        return _render_tf(self.query, {"text": text, "task": self.task, "instruction": self.query_instruction})
+        return _render_tf(
+            self.query, {"text": text, "task": self.task, "instruction": self.query_instruction}
+        )
 
     def format_document_tf(self, text: Any, title: Any = "") -> Any:
         """`format_document` on string tensors of the same shape (``title`` may be a Python string)."""
@@ -77,8 +99,11 @@ class Prompt:
         fields: dict[str, Any] = {"text": text, "task": self.task, "instruction": self.document_instruction}
         used = _fields(self.document)
         if "title" in used:
-            fields["title"] = tf.where(tf.equal(title, ""), tf.constant(self.empty_title), title) \
-                if self.empty_title else title
+            fields["title"] = (
+                tf.where(tf.equal(title, ""), tf.constant(self.empty_title), title)
+                if self.empty_title
+                else title
+            )
         if "doc" in used:
             fields["doc"] = strip_tf(tf.strings.join([title, " ", text]))
         return _render_tf(self.document, fields)
@@ -90,8 +115,10 @@ class Prompt:
 PRESETS = ("none", "e5", "gecko", "instructor")
 
 
-def prompt_preset(name: str, *, task: str = "", query_instruction: str = "", document_instruction: str = "") -> Prompt:
-    """A named prompt style (see module docstring); ``gecko`` needs `task`, ``instructor`` the instructions."""
+def prompt_preset(
+    name: str, *, task: str = "", query_instruction: str = "", document_instruction: str = ""
+) -> Prompt:
+    """A named prompt style (see module docstring); ``gecko`` needs `task`, ``instructor`` instructions."""
     if name == "none":
         return Prompt()
     if name == "e5":
@@ -99,13 +126,21 @@ def prompt_preset(name: str, *, task: str = "", query_instruction: str = "", doc
     if name == "gecko":
         if not task:
             raise ValueError("the 'gecko' prompt needs a task description, e.g. task='search result'")
-        return Prompt("task: {task} | query: {text}", "title: {title} | text: {text}", task=task, empty_title="none")
+        return Prompt(
+            "task: {task} | query: {text}", "title: {title} | text: {text}", task=task, empty_title="none"
+        )
     if name == "instructor":
         if not query_instruction or not document_instruction:
-            raise ValueError("the 'instructor' prompt needs query_instruction and document_instruction, e.g. "
-                             "'Represent the scientific claim for retrieving supporting abstracts:'")
-        return Prompt("{instruction} {text}", "{instruction} {doc}", query_instruction=query_instruction,
-                      document_instruction=document_instruction)
+            raise ValueError(
+                "the 'instructor' prompt needs query_instruction and document_instruction, e.g. "
+                "'Represent the scientific claim for retrieving supporting abstracts:'"
+            )
+        return Prompt(
+            "{instruction} {text}",
+            "{instruction} {doc}",
+            query_instruction=query_instruction,
+            document_instruction=document_instruction,
+        )
     raise ValueError(f"unknown prompt preset {name!r}; expected one of {PRESETS}")
 
 

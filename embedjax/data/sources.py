@@ -4,25 +4,29 @@ Every reader returns plain Python records in one schema, `Example` (a dict), wha
 
     {"query": str, "positive": str, "positive_title": str,
      "negatives": [str, ...], "negative_titles": [str, ...],   # same length, may be empty
-     "scores": [float, ...],          # empty, or 1 + len(negatives): teacher / gold score of the positive, then negatives
+     "scores": [float, ...],          # empty, or 1 + len(negatives): teacher / gold scores (positive first)
      "query_id": str, "positive_id": str}                      # "" when the file has none
 
 Formats:
 
-* pairs / triplets, ``.jsonl``: one object per line, ``{"query": str, "positive": DOC, "negatives": [DOC, ...],
+* pairs / triplets, ``.jsonl``: one object per line, ``{"query": str, "positive": DOC, "negatives": [DOC,
+  ...],
   "scores": [float, ...]}`` (``negatives`` and ``scores`` optional), where DOC is a string or
-  ``{"title": str, "text": str}``; ``.tsv``: ``query <TAB> positive [<TAB> negative ...]``, no quoting, with an optional
-  header line naming the columns (``query``, ``positive``, ``negative...``, ``score...``; scores need a header).
-* scored pairs, STS-B format (``.tsv``/``.csv``): ``genre, file, year, id, score, sentence1, sentence2`` and two optional
-  trailing source fields (7 or 9 tab-separated fields, no quoting); or ``.jsonl`` with ``sentence1``, ``sentence2``,
-  ``score``. The gold score becomes ``scores[0]``.
+  ``{"title": str, "text": str}``; ``.tsv``: ``query <TAB> positive [<TAB> negative ...]``, no quoting, with
+  an optional header line naming the columns (``query``, ``positive``, ``negative...``, ``score...``; scores
+  need a header).
+* scored pairs, STS-B format (``.tsv``/``.csv``): ``genre, file, year, id, score, sentence1, sentence2`` and
+  two optional trailing source fields (7 or 9 tab-separated fields, no quoting); or ``.jsonl`` with
+  ``sentence1``, ``sentence2``, ``score``. The gold score becomes ``scores[0]``.
 * BEIR folders: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``),
-  ``qrels/{split}.tsv`` (``query-id corpus-id score``, header line). Training pairs join each relevant qrel to the query
-  text and the document (title and text kept apart; ``doc_text(title, text)`` is BEIR's ``(title + " " + text).strip()``).
+  ``qrels/{split}.tsv`` (``query-id corpus-id score``, header line). Training pairs join each relevant qrel to
+  the query text and the document (title and text kept apart; ``doc_text(title, text)`` is BEIR's ``(title + "
+  " + text).strip()``).
 
-Bad input raises `DataError` naming file and line, or with ``on_error="skip"`` the line is skipped and counted in
-`ReadStats` (and logged): nothing is dropped without a count.
+Bad input raises `DataError` naming file and line, or with ``on_error="skip"`` the line is skipped and counted
+in `ReadStats` (and logged): nothing is dropped without a count.
 """
+
 from __future__ import annotations
 
 import collections
@@ -32,7 +36,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +84,24 @@ class ReadStats:
 
     def log(self) -> None:
         if self.skipped:
-            log.warning("%s: skipped %d malformed line(s) of %d (%s); first: %s", self.path, self.skipped,
-                        self.lines, dict(self.reasons), self.first_skipped)
+            log.warning(
+                "%s: skipped %d malformed line(s) of %d (%s); first: %s",
+                self.path,
+                self.skipped,
+                self.lines,
+                dict(self.reasons),
+                self.first_skipped,
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "lines": self.lines, "examples": self.examples, "skipped": self.skipped,
-                "reasons": dict(self.reasons), "first_skipped": self.first_skipped}
+        return {
+            "path": self.path,
+            "lines": self.lines,
+            "examples": self.examples,
+            "skipped": self.skipped,
+            "reasons": dict(self.reasons),
+            "first_skipped": self.first_skipped,
+        }
 
 
 class _LineError(Exception):
@@ -97,7 +114,7 @@ def _check_on_error(on_error: str) -> None:
 
 
 def _lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline) for each non-blank line; invalid UTF-8 is a `_LineError` line."""
+    """(line number, line without newline) per non-blank line; undecodable lines come as `_BadLine`."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -139,7 +156,7 @@ def _run_lines(path: Path, on_error: OnError, parse) -> tuple[list[Example], Rea
     return out, stats
 
 
-# ----------------------------------------------------------------------------------------------- field checks
+# --------------------------------------------------------------------------------------------- field checks
 def _str_field(obj: dict, key: str, *, required: bool = True, allow_empty: bool = False) -> str:
     if key not in obj or obj[key] is None:
         if required:
@@ -184,9 +201,17 @@ def _score(v: Any, what: str) -> float:
     return v
 
 
-def make_example(query: str, positive: str, *, positive_title: str = "", negatives: list[str] | None = None,
-                 negative_titles: list[str] | None = None, scores: list[float] | None = None, query_id: str = "",
-                 positive_id: str = "") -> Example:
+def make_example(
+    query: str,
+    positive: str,
+    *,
+    positive_title: str = "",
+    negatives: list[str] | None = None,
+    negative_titles: list[str] | None = None,
+    scores: list[float] | None = None,
+    query_id: str = "",
+    positive_id: str = "",
+) -> Example:
     """An `Example` record with defaults filled in (and its invariants checked)."""
     negatives = list(negatives or [])
     negative_titles = list(negative_titles) if negative_titles is not None else [""] * len(negatives)
@@ -195,11 +220,19 @@ def make_example(query: str, positive: str, *, positive_title: str = "", negativ
         raise ValueError("negative_titles and negatives differ in length")
     if scores and len(scores) != 1 + len(negatives):
         raise ValueError(f"scores has {len(scores)} values, expected 1 + {len(negatives)} negatives")
-    return {"query": query, "positive": positive, "positive_title": positive_title, "negatives": negatives,
-            "negative_titles": negative_titles, "scores": scores, "query_id": query_id, "positive_id": positive_id}
+    return {
+        "query": query,
+        "positive": positive,
+        "positive_title": positive_title,
+        "negatives": negatives,
+        "negative_titles": negative_titles,
+        "scores": scores,
+        "query_id": query_id,
+        "positive_id": positive_id,
+    }
 
 
-# ----------------------------------------------------------------------------------------------- pairs / triplets
+# ----------------------------------------------------------------------------------------- pairs / triplets
 def read_pairs(path: str | os.PathLike, *, on_error: OnError = "raise") -> tuple[list[Example], ReadStats]:
     """Pairs / triplets with optional teacher scores from ``.jsonl`` or ``.tsv`` (see module docstring)."""
     path = Path(path)
@@ -218,8 +251,10 @@ def read_pairs(path: str | os.PathLike, *, on_error: OnError = "raise") -> tuple
                     header = [c.strip().lower() for c in f]
                     bad = [c for c in header[2:] if not (c.startswith("negative") or c.startswith("score"))]
                     if bad:
-                        raise DataError(f"{path}:{n}: unknown header column(s) {bad}; expected query, positive, "
-                                        "negative..., score...")
+                        raise DataError(
+                            f"{path}:{n}: unknown header column(s) {bad}; expected query, positive, "
+                            "negative..., score..."
+                        )
                     return None
             return _parse_pair_tsv(f, header)
 
@@ -249,12 +284,20 @@ def _parse_pair_json(n: int, line: str) -> Example:
         raise _LineError(f"field 'scores' is {type(scores).__name__}, expected a list of numbers")
     scores = [_score(s, f"scores[{i}]") for i, s in enumerate(scores)]
     if scores and len(scores) != 1 + len(neg_docs):
-        raise _LineError(f"field 'scores' has {len(scores)} values, expected {1 + len(neg_docs)} "
-                         "(the positive's, then one per negative)")
-    return make_example(query, positive, positive_title=p_title, negatives=[t for _, t in neg_docs],
-                        negative_titles=[h for h, _ in neg_docs], scores=scores,
-                        query_id=_str_field(obj, "query_id", required=False, allow_empty=True),
-                        positive_id=_str_field(obj, "positive_id", required=False, allow_empty=True))
+        raise _LineError(
+            f"field 'scores' has {len(scores)} values, expected {1 + len(neg_docs)} "
+            "(the positive's, then one per negative)"
+        )
+    return make_example(
+        query,
+        positive,
+        positive_title=p_title,
+        negatives=[t for _, t in neg_docs],
+        negative_titles=[h for h, _ in neg_docs],
+        scores=scores,
+        query_id=_str_field(obj, "query_id", required=False, allow_empty=True),
+        positive_id=_str_field(obj, "positive_id", required=False, allow_empty=True),
+    )
 
 
 def _parse_pair_tsv(f: list[str], header: list[str] | None) -> Example:
@@ -276,15 +319,20 @@ def _parse_pair_tsv(f: list[str], header: list[str] | None) -> Example:
     if not f[1].strip():
         raise _LineError("field 'positive' is empty")
     if scores and len(scores) != 1 + len(negs):
-        raise _LineError(f"{len(scores)} score columns, expected {1 + len(negs)} (positive, then each negative)")
+        raise _LineError(
+            f"{len(scores)} score columns, expected {1 + len(negs)} (positive, then each negative)"
+        )
     return make_example(f[0], f[1], negatives=negs, scores=scores)
 
 
-# ----------------------------------------------------------------------------------------------- scored pairs
-def read_scored_pairs(path: str | os.PathLike, *, on_error: OnError = "raise") -> tuple[list[Example], ReadStats]:
+# --------------------------------------------------------------------------------------------- scored pairs
+def read_scored_pairs(
+    path: str | os.PathLike, *, on_error: OnError = "raise"
+) -> tuple[list[Example], ReadStats]:
     """STS-B format (7 or 9 tab-separated fields, no quoting) or ``.jsonl`` (sentence1, sentence2, score)."""
     path = Path(path)
     if path.suffix == ".jsonl":
+
         def parse(n: int, line: str) -> Example:
             try:
                 obj = json.loads(line)
@@ -294,27 +342,38 @@ def read_scored_pairs(path: str | os.PathLike, *, on_error: OnError = "raise") -
                 raise _LineError(f"expected a JSON object, got {type(obj).__name__}")
             if "score" not in obj:
                 raise _LineError("missing field 'score'")
-            return make_example(_str_field(obj, "sentence1"), _str_field(obj, "sentence2"),
-                                scores=[_score(obj["score"], "field 'score'")])
+            return make_example(
+                _str_field(obj, "sentence1"),
+                _str_field(obj, "sentence2"),
+                scores=[_score(obj["score"], "field 'score'")],
+            )
+
         return _run_lines(path, on_error, parse)
     if path.suffix in (".tsv", ".csv"):
+
         def parse(n: int, line: str) -> Example:
             f = line.split("\t")
             if len(f) not in (7, 9):
-                raise _LineError(f"expected 7 or 9 tab-separated fields (STS-B format: genre, file, year, id, score, "
-                                 f"sentence1, sentence2[, source, source]), got {len(f)}")
+                raise _LineError(
+                    f"expected 7 or 9 tab-separated fields (STS-B format: genre, file, year, id, score, "
+                    f"sentence1, sentence2[, source, source]), got {len(f)}"
+                )
             score = _score(f[4], "score (field 5)")
             if not f[5].strip() or not f[6].strip():
                 raise _LineError("sentence1 or sentence2 (fields 6-7) is empty")
             return make_example(f[5], f[6], scores=[score], query_id=f"{f[1]}:{f[2]}:{f[3]}")
+
         return _run_lines(path, on_error, parse)
-    raise DataError(f"{path}: unknown scored-pairs format {path.suffix!r} (expected .tsv/.csv STS-B or .jsonl)")
+    raise DataError(
+        f"{path}: unknown scored-pairs format {path.suffix!r} (expected .tsv/.csv STS-B or .jsonl)"
+    )
 
 
-# ----------------------------------------------------------------------------------------------- BEIR
+# ----------------------------------------------------------------------------------------------------- BEIR
 @dataclass
 class Beir:
-    """A BEIR folder in memory: corpus id -> (title, text), query id -> text, split -> qid -> docid -> grade."""
+    """A BEIR folder in memory: corpus id -> (title, text), query id -> text, split -> qid -> docid -> grade.
+    """
 
     folder: Path
     corpus: dict[str, tuple[str, str]]
@@ -332,9 +391,10 @@ def read_beir_corpus(path: str | os.PathLike, *, on_error: OnError = "raise") ->
         did = _str_field(obj, "_id")
         if did in out:
             raise _LineError(f"duplicate _id {did!r}")
-        out[did] = (_str_field(obj, "title", required=False, allow_empty=True),
-                    _str_field(obj, "text", allow_empty=True))
-        return None
+        out[did] = (
+            _str_field(obj, "title", required=False, allow_empty=True),
+            _str_field(obj, "text", allow_empty=True),
+        )
 
     _run_lines(path, on_error, parse)
     if not out:
@@ -353,7 +413,6 @@ def read_beir_queries(path: str | os.PathLike, *, on_error: OnError = "raise") -
         if qid in out:
             raise _LineError(f"duplicate _id {qid!r}")
         out[qid] = _str_field(obj, "text")
-        return None
 
     _run_lines(path, on_error, parse)
     if not out:
@@ -369,7 +428,7 @@ def read_qrels(path: str | os.PathLike, *, on_error: OnError = "raise") -> dict[
     def parse(n: int, line: str) -> None:
         f = line.split("\t")
         if n == 1 and f[0].strip().lower() in ("query-id", "query_id", "qid"):
-            return None
+            return
         if len(f) != 3:
             raise _LineError(f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(f)}")
         try:
@@ -377,7 +436,7 @@ def read_qrels(path: str | os.PathLike, *, on_error: OnError = "raise") -> dict[
         except ValueError:
             raise _LineError(f"score {f[2]!r} is not an integer") from None
         out.setdefault(f[0], {})[f[1]] = grade
-        return None
+        return
 
     _run_lines(path, on_error, parse)
     return out
@@ -393,8 +452,9 @@ def _json_obj(line: str) -> dict:
     return obj
 
 
-def read_beir(folder: str | os.PathLike, splits: tuple[str, ...] | None = None, *,
-              on_error: OnError = "raise") -> Beir:
+def read_beir(
+    folder: str | os.PathLike, splits: tuple[str, ...] | None = None, *, on_error: OnError = "raise"
+) -> Beir:
     """Reads a BEIR folder (all ``qrels/*.tsv`` splits unless `splits` is given)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -404,14 +464,20 @@ def read_beir(folder: str | os.PathLike, splits: tuple[str, ...] | None = None, 
         if not splits:
             raise DataError(f"{folder}: no qrels/*.tsv files")
     qrels = {s: read_qrels(folder / "qrels" / f"{s}.tsv", on_error=on_error) for s in splits}
-    return Beir(folder, read_beir_corpus(folder / "corpus.jsonl", on_error=on_error),
-                read_beir_queries(folder / "queries.jsonl", on_error=on_error), qrels)
+    return Beir(
+        folder,
+        read_beir_corpus(folder / "corpus.jsonl", on_error=on_error),
+        read_beir_queries(folder / "queries.jsonl", on_error=on_error),
+        qrels,
+    )
 
 
-def beir_pairs(folder: str | os.PathLike | Beir, split: str = "train", *, min_grade: int = 1,
-               on_error: OnError = "raise") -> tuple[list[Example], ReadStats]:
-    """Training pairs from a BEIR split: one (query, relevant document) pair per qrel with grade >= `min_grade`,
-    grouped by query in order of first appearance in the qrels file. A qrel naming an unknown query or document is an error (or skipped and counted)."""
+def beir_pairs(
+    folder: str | os.PathLike | Beir, split: str = "train", *, min_grade: int = 1, on_error: OnError = "raise"
+) -> tuple[list[Example], ReadStats]:
+    """Training pairs from a BEIR split: one (query, relevant document) pair per qrel with grade >=
+    `min_grade`, grouped by query in order of first appearance in the qrels file. A qrel naming an unknown
+    query or document is an error (or skipped and counted)."""
     _check_on_error(on_error)
     beir = folder if isinstance(folder, Beir) else read_beir(folder, (split,), on_error=on_error)
     qpath = beir.folder / "qrels" / f"{split}.tsv"
@@ -424,23 +490,31 @@ def beir_pairs(folder: str | os.PathLike | Beir, split: str = "train", *, min_gr
             stats.lines += 1
             if grade < min_grade:
                 continue
-            problem = (f"query {qid!r} not in queries.jsonl" if qid not in beir.queries else
-                       f"document {did!r} not in corpus.jsonl" if did not in beir.corpus else "")
+            problem = (
+                f"query {qid!r} not in queries.jsonl"
+                if qid not in beir.queries
+                else f"document {did!r} not in corpus.jsonl"
+                if did not in beir.corpus
+                else ""
+            )
             if problem:
                 if on_error == "raise":
                     raise DataError(f"{qpath}: {problem}")
                 stats.skip(str(qpath), problem)
                 continue
             title, text = beir.corpus[did]
-            out.append(make_example(beir.queries[qid], text, positive_title=title, query_id=qid, positive_id=did))
+            out.append(
+                make_example(beir.queries[qid], text, positive_title=title, query_id=qid, positive_id=did)
+            )
     stats.examples = len(out)
     stats.log()
     return out, stats
 
 
-# ----------------------------------------------------------------------------------------------- dispatch
-def read_examples(kind: PairKind, path: str | os.PathLike, split: str = "train", *,
-                  on_error: OnError = "raise") -> tuple[list[Example], ReadStats]:
+# ------------------------------------------------------------------------------------------------- dispatch
+def read_examples(
+    kind: PairKind, path: str | os.PathLike, split: str = "train", *, on_error: OnError = "raise"
+) -> tuple[list[Example], ReadStats]:
     """Reads `path` as `kind` ("pairs", "scored_pairs" or "beir"); an empty result is a `DataError`."""
     if kind == "pairs":
         out, stats = read_pairs(path, on_error=on_error)

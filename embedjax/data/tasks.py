@@ -10,22 +10,25 @@ A task is ``TFDS dataset (tfds_builders) -> text keys -> prompt -> tokenize (the
     it = build_iterator("mix", "train", global_batch_size=64, max_query_length=64, max_doc_length=256)
     batch = next(it)                                            # fixed-shape numpy arrays, see pipeline.py
 
-Output features of every task: ``query`` int32 [L], ``positive`` int32 [L], ``negatives`` int32 [K, (L)] (ragged),
-plus ``idx``, ``keys`` (int64 hashes of the raw query / document texts, for deduplication) and ``scores``.
-``sequence_length`` must give ``query`` and ``positive`` (documents, negatives included); each sequence is truncated
-to it with the model's special tokens kept, as ``tokenizer(text, truncation=True, max_length=L)`` does.
+Output features of every task: ``query`` int32 [L], ``positive`` int32 [L], ``negatives`` int32 [K, (L)]
+(ragged), plus ``idx``, ``keys`` (int64 hashes of the raw query / document texts, for deduplication) and
+``scores``. ``sequence_length`` must give ``query`` and ``positive`` (documents, negatives included); each
+sequence is truncated to it with the model's special tokens kept, as ``tokenizer(text, truncation=True,
+max_length=L)`` does.
 
 Sharding over hosts is done by the data source (`LocalTfdsSource`) when seqio passes it a ``ShardInfo``:
-``shard_by="text_groups"`` (default) puts examples that share any text on the same host (connected components of
-the "shares a text" graph, assigned greedily to the least-loaded host), so deduplicating each host's batch
-deduplicates the global batch; ``shard_by="index"`` reads contiguous 1/N slices with ``tfds.even_splits`` (reads only
-its part of the files, but the same text may then land in two hosts' halves of a batch).
+``shard_by="text_groups"`` (default) puts examples that share any text on the same host (connected components
+of the "shares a text" graph, assigned greedily to the least-loaded host), so deduplicating each host's batch
+deduplicates the global batch; ``shard_by="index"`` reads contiguous 1/N slices with ``tfds.even_splits``
+(reads only its part of the files, but the same text may then land in two hosts' halves of a batch).
 """
+
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -69,9 +72,9 @@ def example_keys_tf(ex: Mapping[str, tf.Tensor]) -> tf.Tensor:
     return tf.concat([q, p, n], axis=0)
 
 
-# ------------------------------------------------------------------------------------------------ source
+# --------------------------------------------------------------------------------------------------- source
 class LocalTfdsSource(seqio.DataSource):
-    """A seqio DataSource over a prepared `tfds_builders.EmbedjaxLocal` builder, with text-group-aware sharding."""
+    """A seqio DataSource over a prepared `tfds_builders.EmbedjaxLocal` builder; shards by text groups."""
 
     def __init__(self, builder: tfds.core.DatasetBuilder, *, shard_by: ShardBy = "text_groups"):
         if shard_by not in ("text_groups", "index"):
@@ -79,7 +82,9 @@ class LocalTfdsSource(seqio.DataSource):
         self.builder = builder
         self.shard_by = shard_by
         splits = tuple(builder.info.splits.keys())
-        super().__init__(splits=splits, num_input_examples={s: builder.info.splits[s].num_examples for s in splits})
+        super().__init__(
+            splits=splits, num_input_examples={s: builder.info.splits[s].num_examples for s in splits}
+        )
         self._owners: dict[tuple[str, int], np.ndarray] = {}
 
     @property
@@ -89,9 +94,17 @@ class LocalTfdsSource(seqio.DataSource):
     def list_shards(self, split: str) -> Sequence[str]:
         return [split]
 
-    def get_dataset(self, split: str = "train", shuffle: bool = False, seed: int | None = None,
-                    shard_info: seqio.ShardInfo | None = None, *, sequence_length: Any = None,
-                    use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
+    def get_dataset(
+        self,
+        split: str = "train",
+        shuffle: bool = False,
+        seed: int | None = None,
+        shard_info: seqio.ShardInfo | None = None,
+        *,
+        sequence_length: Any = None,
+        use_cached: bool = False,
+        num_epochs: int | None = 1,
+    ) -> tf.data.Dataset:
         """Examples of `split` in file order (`shuffle` is ignored: the batch iterator orders them)."""
         if split not in self.splits:
             raise DataError(f"split {split!r} not in this dataset (has {list(self.splits)})")
@@ -115,9 +128,14 @@ class LocalTfdsSource(seqio.DataSource):
 
 def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards: int) -> np.ndarray:
     n = builder.info.splits[split].num_examples
-    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1))
-    ds = ds.map(lambda ex: {"idx": ex["idx"], "keys": example_keys_tf(ex)}, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True).ragged_batch(4096)
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)
+    )
+    ds = ds.map(
+        lambda ex: {"idx": ex["idx"], "keys": example_keys_tf(ex)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    ).ragged_batch(4096)
     parent = np.arange(n)
 
     def find(a: int) -> int:
@@ -138,9 +156,13 @@ def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards
     roots = np.fromiter((find(i) for i in range(n)), np.int64, n)
     uniq, inverse, sizes = np.unique(roots, return_inverse=True, return_counts=True)
     if len(uniq) < num_shards:
-        raise DataError(f"{builder.info.full_name} ({split}): only {len(uniq)} group(s) of examples that share no text, "
-                        f"fewer than the {num_shards} hosts; use shard_by='index' or fewer hosts")
-    order = sorted(range(len(uniq)), key=lambda g: (-sizes[g], uniq[g]))  # big groups first, ties by first row
+        raise DataError(
+            f"{builder.info.full_name} ({split}): only {len(uniq)} group(s) of examples that share no text, "
+            f"fewer than the {num_shards} hosts; use shard_by='index' or fewer hosts"
+        )
+    order = sorted(
+        range(len(uniq)), key=lambda g: (-sizes[g], uniq[g])
+    )  # big groups first, ties by first row
     load = np.zeros(num_shards, np.int64)
     group_owner = np.zeros(len(uniq), np.int32)
     for g in order:
@@ -148,20 +170,26 @@ def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards
         group_owner[g] = h
         load[h] += sizes[g]
     if load.max() > 1.2 * load.mean():
-        log.warning("%s (%s): text groups split unevenly over %d hosts (examples per host %s)", builder.info.full_name,
-                    split, num_shards, load.tolist())
+        log.warning(
+            "%s (%s): text groups split unevenly over %d hosts (examples per host %s)",
+            builder.info.full_name,
+            split,
+            num_shards,
+            load.tolist(),
+        )
     return group_owner[inverse]
 
 
-# ------------------------------------------------------------------------------------------------ preprocessors
+# -------------------------------------------------------------------------------------------- preprocessors
 def add_text_keys(ds: tf.data.Dataset) -> tf.data.Dataset:
     """Adds ``keys`` (int64 [2 + K]) computed from the raw texts, before any prompt."""
     return ds.map(lambda ex: dict(ex, keys=example_keys_tf(ex)), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def apply_prompt(ds: tf.data.Dataset, prompt: Prompt, symmetric: bool = False) -> tf.data.Dataset:
-    """Formats ``query`` with the query template and ``positive`` / ``negatives`` with the document template (or the
-    query template too when `symmetric`, e.g. STS sentence pairs)."""
+    """Formats ``query`` with the query template and ``positive`` / ``negatives`` with the document template
+    (or the query template too when `symmetric`, e.g. STS sentence pairs)."""
+
     def fmt(ex: dict) -> dict:
         ex = dict(ex)
         ex["query"] = prompt.format_query_tf(ex["query"])
@@ -172,18 +200,25 @@ def apply_prompt(ds: tf.data.Dataset, prompt: Prompt, symmetric: bool = False) -
             ex["positive"] = prompt.format_document_tf(ex["positive"], ex["positive_title"])
             ex["negatives"] = prompt.format_document_tf(ex["negatives"], ex["negative_titles"])
         return ex
+
     return ds.map(fmt, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 _KEEP = ("idx", "keys", "scores")
 
 
-def tokenize_pairs(ds: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
-                   sequence_length: Mapping[str, int] | None, batch_size: int = 256) -> tf.data.Dataset:
-    """Tokenizes query / positive / negatives with the model's special tokens, truncated to ``sequence_length``
-    (vectorised over `batch_size` examples at a time)."""
+def tokenize_pairs(
+    ds: tf.data.Dataset,
+    output_features: Mapping[str, seqio.Feature],
+    sequence_length: Mapping[str, int] | None,
+    batch_size: int = 256,
+) -> tf.data.Dataset:
+    """Tokenizes query / positive / negatives with the model's special tokens, truncated to
+    ``sequence_length`` (vectorised over `batch_size` examples at a time)."""
     if not sequence_length or "query" not in sequence_length or "positive" not in sequence_length:
-        raise ValueError("sequence_length must give 'query' and 'positive' lengths, e.g. {'query': 64, 'positive': 256}")
+        raise ValueError(
+            "sequence_length must give 'query' and 'positive' lengths, e.g. {'query': 64, 'positive': 256}"
+        )
     vocab = output_features["query"].vocabulary
     lq, ld = int(sequence_length["query"]), int(sequence_length["positive"])
 
@@ -200,27 +235,45 @@ def tokenize_pairs(ds: tf.data.Dataset, output_features: Mapping[str, seqio.Feat
     return ds.ragged_batch(batch_size).map(tok, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
-# ------------------------------------------------------------------------------------------------ registry
-def add_task(name: str, source: LocalTfdsSource | tfds.core.DatasetBuilder, vocabulary: tf_tokenize.ModelVocabulary,
-             *, prompt: Prompt | None = None, symmetric: bool = False, shard_by: ShardBy = "text_groups",
-             replace: bool = True) -> seqio.Task:
+# ------------------------------------------------------------------------------------------------- registry
+def add_task(
+    name: str,
+    source: LocalTfdsSource | tfds.core.DatasetBuilder,
+    vocabulary: tf_tokenize.ModelVocabulary,
+    *,
+    prompt: Prompt | None = None,
+    symmetric: bool = False,
+    shard_by: ShardBy = "text_groups",
+    replace: bool = True,
+) -> seqio.Task:
     """Registers a contrastive-pairs seqio Task (see module docstring) and returns it."""
     if not hasattr(vocabulary, "spec"):
-        raise TypeError("vocabulary must come from embedjax.data.tf_tokenize.load_vocabulary / make_vocabulary "
-                        f"(it carries the model's special tokens), got {type(vocabulary).__name__}")
+        raise TypeError(
+            "vocabulary must come from embedjax.data.tf_tokenize.load_vocabulary / make_vocabulary "
+            f"(it carries the model's special tokens), got {type(vocabulary).__name__}"
+        )
     if not isinstance(source, LocalTfdsSource):
         source = LocalTfdsSource(source, shard_by=shard_by)
     if name in seqio.TaskRegistry.names():
         if not replace:
             raise ValueError(f"seqio task {name!r} is already registered")
         seqio.TaskRegistry.remove(name)
-    feats = {"query": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
-             "positive": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
-             "negatives": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32, rank=2, required=False)}
+    feats = {
+        "query": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+        "positive": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32),
+        "negatives": seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32, rank=2, required=False),
+    }
     return seqio.TaskRegistry.add(
-        name, source=source, output_features=feats, shuffle_buffer_size=None,
-        preprocessors=[add_text_keys, functools.partial(apply_prompt, prompt=prompt or Prompt(), symmetric=symmetric),
-                       tokenize_pairs])
+        name,
+        source=source,
+        output_features=feats,
+        shuffle_buffer_size=None,
+        preprocessors=[
+            add_text_keys,
+            functools.partial(apply_prompt, prompt=prompt or Prompt(), symmetric=symmetric),
+            tokenize_pairs,
+        ],
+    )
 
 
 def add_mixture(name: str, tasks: Sequence[tuple[str, float]], *, replace: bool = True) -> seqio.Mixture:
@@ -244,17 +297,23 @@ def task_rates(name: str) -> dict[str, float]:
         raise DataError(f"mixture {name!r}: a sub-mixture has every rate 0") from None
 
 
-# ------------------------------------------------------------------------------------------------ to numpy
+# ------------------------------------------------------------------------------------------------- to numpy
 def to_tokenized_set(ds: tf.data.Dataset, batch_size: int = 1024) -> TokenizedSet:
     """A tokenized task dataset (output of `tokenize_pairs`) -> `TokenizedSet`, ordered by ``idx``."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("idx", "q", "ql", "p", "pl", "n", "nl", "nk", "k", "kl",
-                                                            "s", "sl")}
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("idx", "q", "ql", "p", "pl", "n", "nl", "nk", "k", "kl", "s", "sl")
+    }
     for b in ds.ragged_batch(batch_size):
         parts["idx"].append(b["idx"].numpy())
-        for f, a, l in (("query", "q", "ql"), ("positive", "p", "pl"), ("keys", "k", "kl"), ("scores", "s", "sl")):
+        for f, a, lens in (
+            ("query", "q", "ql"),
+            ("positive", "p", "pl"),
+            ("keys", "k", "kl"),
+            ("scores", "s", "sl"),
+        ):
             r = b[f]
             parts[a].append(r.flat_values.numpy())
-            parts[l].append(r.row_lengths().numpy())
+            parts[lens].append(r.row_lengths().numpy())
         negs = b["negatives"]  # [B, (K), (L)]
         parts["nk"].append(negs.row_lengths().numpy())
         parts["n"].append(negs.flat_values.numpy())
@@ -262,10 +321,20 @@ def to_tokenized_set(ds: tf.data.Dataset, batch_size: int = 1024) -> TokenizedSe
     if not parts["idx"]:
         return TokenizedSet.from_lists([], [], [])
     cat = {k: np.concatenate(v) for k, v in parts.items()}
-    ts = TokenizedSet(cat["idx"].astype(np.int64), cat["q"].astype(np.int32), _off(cat["ql"]),
-                      cat["p"].astype(np.int32), _off(cat["pl"]), cat["n"].astype(np.int32), _off(cat["nl"]),
-                      _off(cat["nk"]), cat["k"].astype(np.int64), _off(cat["kl"]), cat["s"].astype(np.float32),
-                      _off(cat["sl"]))
+    ts = TokenizedSet(
+        cat["idx"].astype(np.int64),
+        cat["q"].astype(np.int32),
+        _off(cat["ql"]),
+        cat["p"].astype(np.int32),
+        _off(cat["pl"]),
+        cat["n"].astype(np.int32),
+        _off(cat["nl"]),
+        _off(cat["nk"]),
+        cat["k"].astype(np.int64),
+        _off(cat["kl"]),
+        cat["s"].astype(np.float32),
+        _off(cat["sl"]),
+    )
     order = np.argsort(ts.idx, kind="stable")
     if np.any(order != np.arange(len(order))):
         ts = _reorder(ts, order)
@@ -281,8 +350,10 @@ def _off(lengths: np.ndarray) -> np.ndarray:
 
 def _reorder(ts: TokenizedSet, order: np.ndarray) -> TokenizedSet:
     def take(data: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = [data[off[i]:off[i + 1]] for i in order]
-        return (np.concatenate(rows) if rows else data[:0]), _off(np.asarray([len(r) for r in rows], np.int64))
+        rows = [data[off[i] : off[i + 1]] for i in order]
+        return (np.concatenate(rows) if rows else data[:0]), _off(
+            np.asarray([len(r) for r in rows], np.int64)
+        )
 
     q, qo = take(ts.query_ids, ts.query_off)
     p, po = take(ts.pos_ids, ts.pos_off)
@@ -290,15 +361,21 @@ def _reorder(ts: TokenizedSet, order: np.ndarray) -> TokenizedSet:
     s, so = take(ts.scores, ts.score_off)
     rows = [list(range(ts.neg_row_off[i], ts.neg_row_off[i + 1])) for i in order]
     flat_rows = [r for rr in rows for r in rr]
-    n = np.concatenate([ts.neg_ids[ts.neg_off[r]:ts.neg_off[r + 1]] for r in flat_rows]) if flat_rows else ts.neg_ids[:0]
+    n = (
+        np.concatenate([ts.neg_ids[ts.neg_off[r] : ts.neg_off[r + 1]] for r in flat_rows])
+        if flat_rows
+        else ts.neg_ids[:0]
+    )
     no = _off(np.asarray([ts.neg_off[r + 1] - ts.neg_off[r] for r in flat_rows], np.int64))
-    return TokenizedSet(ts.idx[order], q, qo, p, po, n, no, _off(np.asarray([len(r) for r in rows], np.int64)),
-                        k, ko, s, so)
+    return TokenizedSet(
+        ts.idx[order], q, qo, p, po, n, no, _off(np.asarray([len(r) for r in rows], np.int64)), k, ko, s, so
+    )
 
 
-def load_tokenized(name: str, split: str, sequence_length: Mapping[str, int], *, shard_index: int = 0,
-                   num_shards: int = 1) -> dict[str, TokenizedSet]:
-    """Runs each task of a registered Task / Mixture (rate > 0) on this host's shard and returns its tokens."""
+def load_tokenized(
+    name: str, split: str, sequence_length: Mapping[str, int], *, shard_index: int = 0, num_shards: int = 1
+) -> dict[str, TokenizedSet]:
+    """Runs each task (rate > 0) of a registered Task / Mixture on this host's shard; returns the tokens."""
     rates = validate_rates(task_rates(name), f"{name!r}")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
@@ -306,18 +383,36 @@ def load_tokenized(name: str, split: str, sequence_length: Mapping[str, int], *,
     out: dict[str, TokenizedSet] = {}
     for t in sorted(rates):
         task = seqio.TaskRegistry.get(t)
-        ds = task.get_dataset(sequence_length=dict(sequence_length), split=split, shuffle=False, num_epochs=1,
-                              shard_info=shard, trim_output_features=False, use_cached=False)
+        ds = task.get_dataset(
+            sequence_length=dict(sequence_length),
+            split=split,
+            shuffle=False,
+            num_epochs=1,
+            shard_info=shard,
+            trim_output_features=False,
+            use_cached=False,
+        )
         out[t] = to_tokenized_set(ds)
         if not len(out[t]):
             raise DataError(f"task {t!r} ({split}): no examples on host {shard_index} of {num_shards}")
     return out
 
 
-def build_iterator(name: str, split: str, *, global_batch_size: int, max_query_length: int, max_doc_length: int,
-                   num_negatives: int = 0, group_by_task: bool = True, dedup: bool = True, seed: int = 0,
-                   process_index: int | None = None, process_count: int | None = None,
-                   min_bucket: int = 16) -> ContrastiveBatchIterator:
+def build_iterator(
+    name: str,
+    split: str,
+    *,
+    global_batch_size: int,
+    max_query_length: int,
+    max_doc_length: int,
+    num_negatives: int = 0,
+    group_by_task: bool = True,
+    dedup: bool = True,
+    seed: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    min_bucket: int = 16,
+) -> ContrastiveBatchIterator:
     """The training iterator of this process: its shard of every task of `name`, batches of
     ``global_batch_size / process_count`` rows padded to bucket lengths (defaults: ``jax.process_index()`` /
     ``jax.process_count()``)."""
@@ -328,11 +423,28 @@ def build_iterator(name: str, split: str, *, global_batch_size: int, max_query_l
         process_count = jax.process_count() if process_count is None else process_count
     local = local_batch_size(global_batch_size, process_count)
     rates = validate_rates(task_rates(name), f"{name!r}")
-    data = load_tokenized(name, split, {"query": max_query_length, "positive": max_doc_length},
-                          shard_index=process_index, num_shards=process_count)
+    data = load_tokenized(
+        name,
+        split,
+        {"query": max_query_length, "positive": max_doc_length},
+        shard_index=process_index,
+        num_shards=process_count,
+    )
     vocab = seqio.TaskRegistry.get(sorted(rates)[0]).output_features["query"].vocabulary
-    conv = BucketFeatureConverter([b for b in bucket_lengths(max_query_length) if b >= min(min_bucket, max_query_length)],
-                                  [b for b in bucket_lengths(max_doc_length) if b >= min(min_bucket, max_doc_length)],
-                                  num_negatives=num_negatives, pad_id=vocab.spec.pad_id, task_names=sorted(rates))
-    return ContrastiveBatchIterator(data, local, rates=rates, converter=conv, num_negatives=num_negatives,
-                                    group_by_task=group_by_task, dedup=dedup, seed=seed)
+    conv = BucketFeatureConverter(
+        [b for b in bucket_lengths(max_query_length) if b >= min(min_bucket, max_query_length)],
+        [b for b in bucket_lengths(max_doc_length) if b >= min(min_bucket, max_doc_length)],
+        num_negatives=num_negatives,
+        pad_id=vocab.spec.pad_id,
+        task_names=sorted(rates),
+    )
+    return ContrastiveBatchIterator(
+        data,
+        local,
+        rates=rates,
+        converter=conv,
+        num_negatives=num_negatives,
+        group_by_task=group_by_task,
+        dedup=dedup,
+        seed=seed,
+    )

@@ -3,29 +3,32 @@
 `load_vocabulary(model_dir)` reads a model folder (Hugging Face or sentence-transformers layout) and returns a
 `seqio.Vocabulary` that gives the same token ids as ``transformers.AutoTokenizer.from_pretrained(model_dir)``:
 
-* WordPiece (BERT family): `WordPieceVocabulary`, built on ``tensorflow_text.FastWordpieceTokenizer``. The Hugging
-  Face BertNormalizer (control-character removal, CJK spacing, NFD accent stripping, lower-casing, as the tokenizer's
-  own config says) and BertPreTokenizer (split on whitespace and punctuation) are reproduced with TF string ops in
-  front of it, including the 100-characters-per-word limit, so the ids match exactly (checked on every shipped
-  SciFact and STS-B text in tests/data/test_tf_tokenize.py). ``FastBertTokenizer``'s own normaliser is not used:
-  it applies compatibility folding (``µ`` -> ``μ``, ``…`` -> ``...``, ``²`` -> ``2``) that the HF tokenizer does not.
+* WordPiece (BERT family): `WordPieceVocabulary`, built on ``tensorflow_text.FastWordpieceTokenizer``. The
+  Hugging Face BertNormalizer (control-character removal, CJK spacing, NFD accent stripping, lower-casing, as
+  the tokenizer's own config says) and BertPreTokenizer (split on whitespace and punctuation) are reproduced
+  with TF string ops in front of it, including the 100-characters-per-word limit, so the ids match exactly
+  (checked on every shipped SciFact and STS-B text in tests/data/test_tf_tokenize.py). ``FastBertTokenizer``'s
+  own normaliser is not used: it applies compatibility folding (``µ`` -> ``μ``, ``…`` -> ``...``, ``²`` ->
+  ``2``) that the HF tokenizer does not.
 * SentencePiece (T5 family): ``seqio.SentencePieceVocabulary`` on the folder's ``spiece.model``.
 
-Special tokens and truncation (`encode_tf`) follow the Hugging Face tokenizer of the same folder: the ids it puts
-before and after a text (``[CLS] ... [SEP]`` for BERT, ``... </s>`` for T5) are read from it, and a text longer than
-``max_length`` keeps its first ``max_length - len(specials)`` tokens, as ``tokenizer(text, truncation=True,
-max_length=...)`` does. `TFTokenizer` packages this as a ``tf.Module`` for export.
+Special tokens and truncation (`encode_tf`) follow the Hugging Face tokenizer of the same folder: the ids it
+puts before and after a text (``[CLS] ... [SEP]`` for BERT, ``... </s>`` for T5) are read from it, and a text
+longer than ``max_length`` keeps its first ``max_length - len(specials)`` tokens, as ``tokenizer(text,
+truncation=True, max_length=...)`` does. `TFTokenizer` packages this as a ``tf.Module`` for export.
 
-A vocabulary that does not belong to the model (different ids on probe texts, or ids beyond the model's embedding
-table) raises `TokenizerMismatchError`.
+A vocabulary that does not belong to the model (different ids on probe texts, or ids beyond the model's
+embedding table) raises `TokenizerMismatchError`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
+from collections.abc import Sequence
 
 import seqio
 import tensorflow as tf
@@ -44,10 +47,12 @@ PROBE_TEXTS = (
 
 _SP_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "sentencepiece.model")
 # CJK ideograph blocks that BERT surrounds with spaces (as transformers' BasicTokenizer._is_chinese_char).
-_CJK = (r"([\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}\x{2B740}-\x{2B81F}"
-        r"\x{2B820}-\x{2CEAF}\x{F900}-\x{FAFF}\x{2F800}-\x{2FA1F}])")
+_CJK = (
+    r"([\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}\x{2B740}-\x{2B81F}"
+    r"\x{2B820}-\x{2CEAF}\x{F900}-\x{FAFF}\x{2F800}-\x{2FA1F}])"
+)
 # The BERT pre-tokenizer splits on whitespace (dropped) and on each punctuation character (kept as a token):
-# ASCII punctuation ranges plus Unicode category P, as transformers' _is_punctuation / tokenizers' is_bert_punc.
+# ASCII punctuation ranges plus Unicode category P (transformers' _is_punctuation, tokenizers' is_bert_punc).
 _PUNCT = r"[!-/:-@\[-`{-~\p{P}]"
 _DELIM = r"[\s\p{Z}!-/:-@\[-`{-~\p{P}]"
 _LONG_WORD_SENTINEL = "\ue000"  # a private-use character: removed by clean_text, so never in real input
@@ -63,11 +68,11 @@ class TokenizerSpec:
 
     kind: Literal["wordpiece", "sentencepiece"]
     tokenizer_dir: str
-    vocab_file: str                      # vocab.txt / tokenizer.json (WordPiece) or the .model (SentencePiece)
-    prefix_ids: tuple[int, ...] = ()     # special ids before the text ([CLS])
-    suffix_ids: tuple[int, ...] = ()     # special ids after the text ([SEP] / </s>)
+    vocab_file: str  # vocab.txt / tokenizer.json (WordPiece) or the .model (SentencePiece)
+    prefix_ids: tuple[int, ...] = ()  # special ids before the text ([CLS])
+    suffix_ids: tuple[int, ...] = ()  # special ids after the text ([SEP] / </s>)
     pad_id: int = 0
-    vocab_size: int = 0                  # tokens the tokenizer can emit
+    vocab_size: int = 0  # tokens the tokenizer can emit
     model_vocab_size: int | None = None  # rows of the model's embedding table (config.json), when known
     # WordPiece only (the Hugging Face BertNormalizer / WordPiece settings):
     lowercase: bool = True
@@ -83,9 +88,9 @@ class TokenizerSpec:
         return len(self.prefix_ids) + len(self.suffix_ids)
 
 
-# ------------------------------------------------------------------------------------------------ reading a folder
+# ----------------------------------------------------------------------------------------- reading a folder
 def find_tokenizer_dir(model_dir: str | os.PathLike) -> Path:
-    """The folder holding the tokenizer files: `model_dir` itself or its ``0_Transformer/`` (older ST layout)."""
+    """The folder with the tokenizer files: `model_dir` or its ``0_Transformer/`` (older ST layout)."""
     d = Path(model_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such model folder")
@@ -102,8 +107,9 @@ def _hf_tokenizer(tdir: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(tdir))
     except Exception as e:  # noqa: BLE001 - any failure here means the folder's tokenizer is unusable
-        raise TokenizerMismatchError(f"{tdir}: transformers cannot load this tokenizer ({type(e).__name__}: {e})") \
-            from e
+        raise TokenizerMismatchError(
+            f"{tdir}: transformers cannot load this tokenizer ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _special_ids(hf: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -112,8 +118,8 @@ def _special_ids(hf: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     plain = list(hf(probe, add_special_tokens=False)["input_ids"])
     full = list(hf(probe, add_special_tokens=True)["input_ids"])
     for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
-            return tuple(full[:i]), tuple(full[i + len(plain):])
+        if full[i : i + len(plain)] == plain:
+            return tuple(full[:i]), tuple(full[i + len(plain) :])
     raise TokenizerMismatchError(f"cannot locate the text inside the tokenizer's output ({full} vs {plain})")
 
 
@@ -139,40 +145,55 @@ def tokenizer_spec(model_dir: str | os.PathLike) -> TokenizerSpec:
         if tj is not None:
             norm = tj.get("normalizer") or {}
             if norm.get("type") != "BertNormalizer":
-                raise NotImplementedError(f"{tok_json}: WordPiece with normalizer {norm.get('type')!r} is not "
-                                          "supported (only BertNormalizer)")
+                raise NotImplementedError(
+                    f"{tok_json}: WordPiece with normalizer {norm.get('type')!r} is not "
+                    "supported (only BertNormalizer)"
+                )
             pre = (tj.get("pre_tokenizer") or {}).get("type")
             if pre != "BertPreTokenizer":
-                raise NotImplementedError(f"{tok_json}: pre-tokenizer {pre!r} is not supported (only BertPreTokenizer)")
+                raise NotImplementedError(
+                    f"{tok_json}: pre-tokenizer {pre!r} is not supported (only BertPreTokenizer)"
+                )
             m = tj["model"]
             lower = bool(norm.get("lowercase", True))
             strip = norm.get("strip_accents")
-            kw = dict(lowercase=lower, strip_accents=lower if strip is None else bool(strip),
-                      clean_text=bool(norm.get("clean_text", True)),
-                      handle_chinese_chars=bool(norm.get("handle_chinese_chars", True)),
-                      unk_token=m.get("unk_token", "[UNK]"), continuing_prefix=m.get("continuing_subword_prefix", "##"),
-                      max_chars_per_word=int(m.get("max_input_chars_per_word", 100)))
+            kw = dict(
+                lowercase=lower,
+                strip_accents=lower if strip is None else bool(strip),
+                clean_text=bool(norm.get("clean_text", True)),
+                handle_chinese_chars=bool(norm.get("handle_chinese_chars", True)),
+                unk_token=m.get("unk_token", "[UNK]"),
+                continuing_prefix=m.get("continuing_subword_prefix", "##"),
+                max_chars_per_word=int(m.get("max_input_chars_per_word", 100)),
+            )
             vocab_file = tok_json
         else:
             tc_file = tdir / "tokenizer_config.json"
             tc = json.loads(tc_file.read_text(encoding="utf-8")) if tc_file.is_file() else {}
             lower = bool(tc.get("do_lower_case", True))
             strip = tc.get("strip_accents")
-            kw = dict(lowercase=lower, strip_accents=lower if strip is None else bool(strip),
-                      handle_chinese_chars=bool(tc.get("tokenize_chinese_chars", True)),
-                      unk_token=tc.get("unk_token", "[UNK]"))
+            kw = dict(
+                lowercase=lower,
+                strip_accents=lower if strip is None else bool(strip),
+                handle_chinese_chars=bool(tc.get("tokenize_chinese_chars", True)),
+                unk_token=tc.get("unk_token", "[UNK]"),
+            )
             vocab_file = tdir / "vocab.txt"
         vocab = _wordpiece_vocab_list(vocab_file)
-        return TokenizerSpec("wordpiece", str(tdir), str(vocab_file), prefix, suffix, pad_id, len(vocab),
-                             model_vocab, **kw)
+        return TokenizerSpec(
+            "wordpiece", str(tdir), str(vocab_file), prefix, suffix, pad_id, len(vocab), model_vocab, **kw
+        )
     if sp_file is not None:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=str(sp_file))
-        return TokenizerSpec("sentencepiece", str(tdir), str(sp_file), prefix, suffix, pad_id, sp.get_piece_size(),
-                             model_vocab)
-    raise NotImplementedError(f"{tdir}: tokenizer model {model_type!r} is not supported (WordPiece with vocab.txt / "
-                              "tokenizer.json, or SentencePiece with spiece.model)")
+        return TokenizerSpec(
+            "sentencepiece", str(tdir), str(sp_file), prefix, suffix, pad_id, sp.get_piece_size(), model_vocab
+        )
+    raise NotImplementedError(
+        f"{tdir}: tokenizer model {model_type!r} is not supported (WordPiece with vocab.txt / "
+        "tokenizer.json, or SentencePiece with spiece.model)"
+    )
 
 
 def _wordpiece_vocab_list(vocab_file: str | os.PathLike) -> list[str]:
@@ -189,7 +210,9 @@ def _wordpiece_vocab_list(vocab_file: str | os.PathLike) -> list[str]:
             out[i] = tok
         missing = [i for i, t in enumerate(out) if not t]
         if missing:
-            raise TokenizerMismatchError(f"{p}: vocabulary ids are not contiguous (no token for id {missing[0]})")
+            raise TokenizerMismatchError(
+                f"{p}: vocabulary ids are not contiguous (no token for id {missing[0]})"
+            )
         return out
     lines = p.read_text(encoding="utf-8").split("\n")
     if lines and lines[-1] == "":
@@ -207,16 +230,25 @@ class WordPieceVocabulary(seqio.Vocabulary):
         self.spec = spec
         self._vocab = _wordpiece_vocab_list(spec.vocab_file)
         if _LONG_WORD_SENTINEL in self._vocab:
-            raise NotImplementedError(f"{spec.vocab_file}: vocabulary contains U+E000, used internally as a sentinel")
+            raise NotImplementedError(
+                f"{spec.vocab_file}: vocabulary contains U+E000, used internally as a sentinel"
+            )
         if spec.unk_token not in self._vocab:
-            raise TokenizerMismatchError(f"{spec.vocab_file}: unknown token {spec.unk_token!r} is not in the vocabulary")
+            raise TokenizerMismatchError(
+                f"{spec.vocab_file}: unknown token {spec.unk_token!r} is not in the vocabulary"
+            )
         self._unk_id = self._vocab.index(spec.unk_token)
-        # Words are split beforehand (`pretokenize_tf`); the character limit is applied there, so the byte limit
-        # here only has to let every <= max_chars_per_word-character word through (UTF-8: <= 4 bytes a character).
+        # Words are split beforehand (`pretokenize_tf`), where the character limit is applied; the byte limit
+        # here only has to let every word of <= max_chars_per_word characters through (<= 4 bytes each).
         self._tokenizer = tf_text.FastWordpieceTokenizer(
-            vocab=self._vocab, suffix_indicator=spec.continuing_prefix, max_bytes_per_word=4 * spec.max_chars_per_word,
-            token_out_type=tf.int32, unknown_token=spec.unk_token, no_pretokenization=True,
-            support_detokenization=True)
+            vocab=self._vocab,
+            suffix_indicator=spec.continuing_prefix,
+            max_bytes_per_word=4 * spec.max_chars_per_word,
+            token_out_type=tf.int32,
+            unknown_token=spec.unk_token,
+            no_pretokenization=True,
+            support_detokenization=True,
+        )
         super().__init__(extra_ids=0)
 
     @property
@@ -255,11 +287,13 @@ class WordPieceVocabulary(seqio.Vocabulary):
         return t
 
     def pretokenize_tf(self, texts: tf.Tensor) -> tf.RaggedTensor:
-        """Normalised words, [N] -> [N, (W)]; a word over max_chars_per_word characters becomes one [UNK] later."""
+        """Normalised words, [N] -> [N, (W)]; a word over max_chars_per_word characters becomes [UNK]."""
         words = tf_text.regex_split(self.normalize_tf(texts), _DELIM, _PUNCT)
         n_chars = tf.strings.length(words, unit="UTF8_CHAR")
         limit = self.spec.max_chars_per_word
-        return tf.ragged.map_flat_values(lambda w, n: tf.where(n > limit, _LONG_WORD_SENTINEL, w), words, n_chars)
+        return tf.ragged.map_flat_values(
+            lambda w, n: tf.where(n > limit, _LONG_WORD_SENTINEL, w), words, n_chars
+        )
 
     def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
         s = tf.convert_to_tensor(s, tf.string)
@@ -278,7 +312,7 @@ class WordPieceVocabulary(seqio.Vocabulary):
                 continue
             tok = self._vocab[i] if 0 <= i < len(self._vocab) else self.spec.unk_token
             if tok.startswith(pre) and words:
-                words[-1] += tok[len(pre):]
+                words[-1] += tok[len(pre) :]
             else:
                 words.append(tok)
         return " ".join(words)
@@ -296,7 +330,7 @@ class WordPieceVocabulary(seqio.Vocabulary):
         return f"WordPieceVocabulary({self.spec.vocab_file}, lowercase={self.spec.lowercase})"
 
 
-# ------------------------------------------------------------------------------------------------ SentencePiece
+# -------------------------------------------------------------------------------------------- SentencePiece
 class SpecSentencePieceVocabulary(seqio.SentencePieceVocabulary):
     """``seqio.SentencePieceVocabulary`` that also carries the model's `TokenizerSpec` (special tokens)."""
 
@@ -307,7 +341,7 @@ class SpecSentencePieceVocabulary(seqio.SentencePieceVocabulary):
         super().__init__(spec.vocab_file, extra_ids=0)
 
 
-# ------------------------------------------------------------------------------------------------ public helpers
+# ------------------------------------------------------------------------------------------- public helpers
 ModelVocabulary = WordPieceVocabulary | SpecSentencePieceVocabulary
 
 
@@ -319,8 +353,8 @@ def make_vocabulary(spec: TokenizerSpec) -> ModelVocabulary:
 
 
 def load_vocabulary(model_dir: str | os.PathLike, *, check: bool = True) -> ModelVocabulary:
-    """The seqio vocabulary of a model folder (``.spec`` holds its settings); with `check`, verified against the
-    folder's Hugging Face tokenizer and model config."""
+    """The seqio vocabulary of a model folder (``.spec`` holds its settings); with `check`, verified against
+    the folder's Hugging Face tokenizer and model config."""
     vocab = make_vocabulary(tokenizer_spec(model_dir))
     if check:
         check_vocabulary(vocab, model_dir)
@@ -328,10 +362,12 @@ def load_vocabulary(model_dir: str | os.PathLike, *, check: bool = True) -> Mode
 
 
 def encode_tf(vocab: ModelVocabulary, texts: tf.Tensor, max_length: int) -> tf.RaggedTensor:
-    """Token ids with the model's special tokens, truncated to `max_length` as HF does: [N] strings -> [N, (L)]."""
+    """Ids with the model's special tokens, truncated to `max_length` as HF does: [N] strings -> [N, (L)]."""
     spec = vocab.spec
     if max_length <= spec.num_special:
-        raise ValueError(f"max_length {max_length} leaves no room for text after {spec.num_special} special token(s)")
+        raise ValueError(
+            f"max_length {max_length} leaves no room for text after {spec.num_special} special token(s)"
+        )
     texts = tf.convert_to_tensor(texts, tf.string)
     ids = vocab.encode_tf(texts)
     if not isinstance(ids, tf.RaggedTensor):
@@ -347,24 +383,27 @@ def encode_tf(vocab: ModelVocabulary, texts: tf.Tensor, max_length: int) -> tf.R
     return tf.concat(parts, axis=1) if len(parts) > 1 else ids
 
 
-def check_vocabulary(vocab: ModelVocabulary, model_dir: str | os.PathLike,
-                     probes: Sequence[str] = PROBE_TEXTS) -> None:
-    """Raises `TokenizerMismatchError` unless `vocab` gives the model folder's HF tokenizer ids on `probes` and
-    stays inside the model's embedding table (``config.json`` vocab_size)."""
+def check_vocabulary(
+    vocab: ModelVocabulary, model_dir: str | os.PathLike, probes: Sequence[str] = PROBE_TEXTS
+) -> None:
+    """Raises `TokenizerMismatchError` unless `vocab` gives the model folder's HF tokenizer ids on `probes`
+    and stays inside the model's embedding table (``config.json`` vocab_size)."""
     spec = vocab.spec
     model_vocab = tokenizer_spec(model_dir).model_vocab_size
     if model_vocab is not None and vocab.vocab_size > model_vocab:
         raise TokenizerMismatchError(
             f"{spec.vocab_file}: tokenizer has {vocab.vocab_size} tokens but the model {model_dir} has only "
-            f"{model_vocab} embeddings: this tokenizer does not belong to this model")
+            f"{model_vocab} embeddings: this tokenizer does not belong to this model"
+        )
     hf = _hf_tokenizer(find_tokenizer_dir(model_dir))
     ref = hf(list(probes), add_special_tokens=True, truncation=True, max_length=512)["input_ids"]
     got = encode_tf(vocab, tf.constant(list(probes)), 512).to_list()
     for text, a, b in zip(probes, ref, got):
         if list(a) != list(b):
             raise TokenizerMismatchError(
-                f"{spec.vocab_file}: tokenizer does not match the model {model_dir}: on {text!r} the model's tokenizer "
-                f"gives {list(a)[:12]}... but this one gives {list(b)[:12]}...")
+                f"{spec.vocab_file}: tokenizer does not match the model {model_dir}: on {text!r} the model's "
+                f"tokenizer gives {list(a)[:12]}... but this one gives {list(b)[:12]}..."
+            )
 
 
 class TFTokenizer(tf.Module):
@@ -374,7 +413,9 @@ class TFTokenizer(tf.Module):
     ``L = pad_to`` if given, else the longest row (at most ``max_length``).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, max_length: int, *, check: bool = True, name: str | None = None):
+    def __init__(
+        self, model_dir: str | os.PathLike, max_length: int, *, check: bool = True, name: str | None = None
+    ):
         super().__init__(name=name)
         self.vocab = load_vocabulary(model_dir, check=check)
         self.spec = self.vocab.spec

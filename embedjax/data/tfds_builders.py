@@ -1,12 +1,13 @@
 """TFDS builders over local files (no network): pairs / triplets, scored pairs (STS-B) and BEIR folders.
 
 `prepare_dataset(kind, files)` reads the files with `embedjax.data.sources`, writes a TFDS dataset once under
-``data_dir`` (``$EMBEDJAX_TFDS_DIR`` or ``~/.cache/embedjax/tfds``) and returns the builder; later calls with the same
-file contents reuse it (the config name is a hash of the contents, the kind and the error policy). Every kind is
-written with one feature schema (the `sources.Example` record plus ``idx``, the row's position in its file), so
-seqio tasks and the batch iterator handle all of them alike. Lines skipped with ``on_error="skip"`` are counted in
-``builder.info.metadata["read_stats"]``.
+``data_dir`` (``$EMBEDJAX_TFDS_DIR`` or ``~/.cache/embedjax/tfds``) and returns the builder; later calls with
+the same file contents reuse it (the config name is a hash of the contents, the kind and the error policy).
+Every kind is written with one feature schema (the `sources.Example` record plus ``idx``, the row's position
+in its file), so seqio tasks and the batch iterator handle all of them alike. Lines skipped with
+``on_error="skip"`` are counted in ``builder.info.metadata["read_stats"]``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,8 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
+from collections.abc import Iterator, Mapping
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -44,24 +46,28 @@ class EmbedjaxLocal(tfds.core.GeneratorBasedBuilder):
     """Training examples from local files, in the one schema of `embedjax.data.sources.Example`."""
 
     VERSION = tfds.core.Version(SCHEMA_VERSION)
-    RELEASE_NOTES = {SCHEMA_VERSION: "query / positive (+ title) / negatives (+ titles) / scores / ids / idx."}
+    RELEASE_NOTES = {
+        SCHEMA_VERSION: "query / positive (+ title) / negatives (+ titles) / scores / ids / idx."
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
         return tfds.core.DatasetInfo(
             builder=self,
             description="embedjax training examples from local files.",
-            features=tfds.features.FeaturesDict({
-                "idx": tf.int64,
-                "query": text,
-                "positive": text,
-                "positive_title": text,
-                "negatives": tfds.features.Sequence(text),
-                "negative_titles": tfds.features.Sequence(text),
-                "scores": tfds.features.Sequence(tf.float32),
-                "query_id": text,
-                "positive_id": text,
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "idx": tf.int64,
+                    "query": text,
+                    "positive": text,
+                    "positive_title": text,
+                    "negatives": tfds.features.Sequence(text),
+                    "negative_titles": tfds.features.Sequence(text),
+                    "scores": tfds.features.Sequence(tf.float32),
+                    "query_id": text,
+                    "positive_id": text,
+                }
+            ),
             metadata=tfds.core.MetadataDict(),
             disable_shuffling=True,  # keep file order: row i has idx i
         )
@@ -87,7 +93,9 @@ def _hash_files(kind: str, files: tuple[tuple[str, str], ...], on_error: str) ->
     for split, path in files:
         h.update(split.encode())
         p = Path(path)
-        members = [p / "corpus.jsonl", p / "queries.jsonl", p / "qrels" / f"{split}.tsv"] if kind == "beir" else [p]
+        members = (
+            [p / "corpus.jsonl", p / "queries.jsonl", p / "qrels" / f"{split}.tsv"] if kind == "beir" else [p]
+        )
         for m in members:
             if not m.is_file():
                 raise FileNotFoundError(f"{m}: no such file")
@@ -97,9 +105,14 @@ def _hash_files(kind: str, files: tuple[tuple[str, str], ...], on_error: str) ->
     return h.hexdigest()[:16]
 
 
-def prepare_dataset(kind: PairKind, files: str | os.PathLike | Mapping[str, str | os.PathLike], *,
-                    splits: tuple[str, ...] | None = None, data_dir: str | os.PathLike | None = None,
-                    on_error: OnError = "raise") -> tfds.core.DatasetBuilder:
+def prepare_dataset(
+    kind: PairKind,
+    files: str | os.PathLike | Mapping[str, str | os.PathLike],
+    *,
+    splits: tuple[str, ...] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    on_error: OnError = "raise",
+) -> tfds.core.DatasetBuilder:
     """Builds (once) and returns the TFDS builder for local files.
 
     `files`: {split: path}, or one path (split "train"); for ``kind="beir"`` the BEIR folder, whose splits are
@@ -128,10 +141,16 @@ def prepare_dataset(kind: PairKind, files: str | os.PathLike | Mapping[str, str 
     name = f"{kind}_{_hash_files(kind, items, on_error)}"
     cfg = LocalFilesConfig(name=name, version=SCHEMA_VERSION, kind=kind, files=items, on_error=on_error)
     builder = EmbedjaxLocal(config=cfg, data_dir=str(data_dir or default_data_dir()))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    )
     for split, st in (builder.info.metadata.get("read_stats") or {}).items():
         if st.get("skipped"):
-            log.warning("%s (%s): %d malformed line(s) were skipped when the dataset was built; first: %s",
-                        st["path"], split, st["skipped"], st["first_skipped"])
+            log.warning(
+                "%s (%s): %d malformed line(s) were skipped when the dataset was built; first: %s",
+                st["path"],
+                split,
+                st["skipped"],
+                st["first_skipped"],
+            )
     return builder

@@ -384,7 +384,7 @@ class _CacheWriter:
             self.dim = int(emb_CxD.shape[1])
             header = {"descr": "<f4", "fortran_order": False, "shape": (self.n_rows, self.dim)}
             np.lib.format.write_array_header_2_0(self.f, header)
-        self.f.write(np.ascontiguousarray(emb_CxD, dtype="<f4").tobytes())
+        self.f.write(np.ascontiguousarray(emb_CxD, dtype="<f4").data)  # a view, no copy
         self.rows += emb_CxD.shape[0]
 
     def commit(self) -> None:
@@ -574,8 +574,13 @@ class RetrievalEvaluator(Evaluator):
                     emb = np.fromfile(f, dtype="<f4", count=len(idx) * dim).reshape(len(idx), dim)
                     yield idx, (l2_normalize(emb) if normalize else emb)
             return
-        writer = _CacheWriter(path, n, {"cache_key": get_cache_key(encode_fn), "source": self.data.source,
-                                        "document_prompt": self.document_prompt}) if path else None
+        writer = None
+        if path is not None:
+            try:
+                writer = _CacheWriter(path, n, {"cache_key": get_cache_key(encode_fn), "source": self.data.source,
+                                                "document_prompt": self.document_prompt})
+            except OSError as e:  # an unwritable cache folder costs the cache, not the evaluation
+                logger.warning("not caching corpus embeddings: cannot write %s: %s", path.parent, e)
         try:
             with tqdm(total=n, desc=f"encode corpus {self.name}", unit="doc",
                       disable=tqdm_disable(self.show_progress)) as bar:

@@ -1,5 +1,6 @@
 """Fixtures for the input-pipeline tests: shipped data, MiniLM's tokenizer as a seqio vocabulary, prepared
 TFDS datasets (in a per-session temporary data_dir) and registered seqio tasks."""
+
 from __future__ import annotations
 
 from pathlib import Path

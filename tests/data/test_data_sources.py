@@ -1,4 +1,5 @@
 """Readers: formats, the shipped files, and bad input (file:line messages, skip-and-count)."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,19 @@ from embedjax.data.sources import DataError
 
 
 def test_jsonl_pairs_and_triplets(tmp_path):
-    p = write_jsonl(tmp_path / "t.jsonl", [
-        {"query": "q1", "positive": "p1"},
-        {"query": "q2", "positive": {"title": "T", "text": "p2"}, "negatives": ["n1", {"title": "U", "text": "n2"}],
-         "scores": [0.9, 0.2, 0.1]},
-        "",  # blank lines are not data
-    ])
+    p = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"query": "q1", "positive": "p1"},
+            {
+                "query": "q2",
+                "positive": {"title": "T", "text": "p2"},
+                "negatives": ["n1", {"title": "U", "text": "n2"}],
+                "scores": [0.9, 0.2, 0.1],
+            },
+            "",  # blank lines are not data
+        ],
+    )
     ex, st = sources.read_pairs(p)
     assert st.examples == 2 and st.skipped == 0
     assert ex[0] == sources.make_example("q1", "p1")
@@ -30,22 +38,26 @@ def test_tsv_pairs_with_and_without_header(tmp_path):
     ex, _ = sources.read_pairs(tmp_path / "a.tsv")
     assert ex[0]["query"] == 'q "1"' and ex[0]["negatives"] == ["n1", "n2"]  # no quote processing
     assert ex[1]["negatives"] == []
-    (tmp_path / "b.tsv").write_text("query\tpositive\tnegative\tscore_pos\tscore_neg\nq\tp\tn\t1.5\t0.25\n",
-                                    encoding="utf-8")
+    (tmp_path / "b.tsv").write_text(
+        "query\tpositive\tnegative\tscore_pos\tscore_neg\nq\tp\tn\t1.5\t0.25\n", encoding="utf-8"
+    )
     ex, _ = sources.read_pairs(tmp_path / "b.tsv")
     assert len(ex) == 1 and ex[0]["negatives"] == ["n"] and ex[0]["scores"] == [1.5, 0.25]
 
 
-@pytest.mark.parametrize("line, needle", [
-    ('{"query": "q", "positive": "p"', "not valid JSON"),
-    ('{"query": "q"}', "missing field 'positive'"),
-    ('{"positive": "p"}', "missing field 'query'"),
-    ('{"query": "", "positive": "p"}', "field 'query' is empty"),
-    ('{"query": "q", "positive": "p", "negatives": "n"}', "field 'negatives' is str, expected a list"),
-    ('{"query": "q", "positive": "p", "negatives": ["n"], "scores": [1.0]}', "expected 2"),
-    ('{"query": "q", "positive": "p", "scores": ["x"]}', "scores[0]"),
-    ('["q", "p"]', "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ('{"query": "q", "positive": "p"', "not valid JSON"),
+        ('{"query": "q"}', "missing field 'positive'"),
+        ('{"positive": "p"}', "missing field 'query'"),
+        ('{"query": "", "positive": "p"}', "field 'query' is empty"),
+        ('{"query": "q", "positive": "p", "negatives": "n"}', "field 'negatives' is str, expected a list"),
+        ('{"query": "q", "positive": "p", "negatives": ["n"], "scores": [1.0]}', "expected 2"),
+        ('{"query": "q", "positive": "p", "scores": ["x"]}', "scores[0]"),
+        ('["q", "p"]', "expected a JSON object"),
+    ],
+)
 def test_jsonl_bad_line_names_file_and_line(tmp_path, line, needle):
     p = write_jsonl(tmp_path / "bad.jsonl", [{"query": "a", "positive": "b"}, line])
     with pytest.raises(DataError) as e:
@@ -54,8 +66,10 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path, line, needle):
 
 
 def test_skip_mode_counts_every_dropped_line(tmp_path, caplog):
-    p = write_jsonl(tmp_path / "mixed.jsonl", [{"query": "a", "positive": "b"}, "{oops", {"query": "c"},
-                                              {"query": "d", "positive": "e"}])
+    p = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"query": "a", "positive": "b"}, "{oops", {"query": "c"}, {"query": "d", "positive": "e"}],
+    )
     ex, st = sources.read_pairs(p, on_error="skip")
     assert [e["query"] for e in ex] == ["a", "d"]
     assert st.skipped == 2 and st.lines == 4 and st.examples == 2
@@ -92,8 +106,11 @@ def test_stsb_shipped_files(shipped):
     train, _ = sources.read_scored_pairs(shipped / "stsb" / "train.tsv")
     assert any('"' in e["query"] or '"' in e["positive"] for e in train)  # quotes kept verbatim
     assert any(e["positive"].endswith(" ") or e["query"].endswith(" ") for e in train)  # trailing spaces kept
-    nine = [line for line in (shipped / "stsb" / "train.tsv").read_text(encoding="utf-8").split("\n")
-            if line.count("\t") == 8]
+    nine = [
+        line
+        for line in (shipped / "stsb" / "train.tsv").read_text(encoding="utf-8").split("\n")
+        if line.count("\t") == 8
+    ]
     assert len(nine) == 197
 
 
@@ -114,8 +131,10 @@ def test_beir_shipped_train_pairs(shipped):
     for line in (shipped / "scifact" / "corpus.jsonl").read_text(encoding="utf-8").splitlines():
         d = json.loads(line)
         corpus[d["_id"]] = (d["title"] + " " + d["text"]).strip()
-    queries = {json.loads(x)["_id"]: json.loads(x)["text"]
-               for x in (shipped / "scifact" / "queries.jsonl").read_text(encoding="utf-8").splitlines()}
+    queries = {
+        json.loads(x)["_id"]: json.loads(x)["text"]
+        for x in (shipped / "scifact" / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+    }
     for e in ex:
         assert sources.doc_text(e["positive_title"], e["positive"]) == corpus[e["positive_id"]]
         assert e["query"] == queries[e["query_id"]]

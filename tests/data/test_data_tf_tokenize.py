@@ -1,5 +1,7 @@
-"""TF-side tokenizers give the same ids as the model's Hugging Face tokenizer (WordPiece: MiniLM's files on every
-shipped text; SentencePiece: a tiny model trained here), and a tokenizer that does not fit the model is refused."""
+"""TF-side tokenizers give the same ids as the model's Hugging Face tokenizer (WordPiece: MiniLM's files on
+every shipped text; SentencePiece: a tiny model trained here); a tokenizer that does not fit the model is
+refused."""
+
 from __future__ import annotations
 
 import json
@@ -13,11 +15,41 @@ from embedjax.data import tf_tokenize  # noqa: E402
 from embedjax.data.sources import doc_text  # noqa: E402
 
 EDGE_CASES = [
-    "foo\u200bbar", "soft\u00adhyphen", "İstanbul", "ﬁne ﬃ", "ＦＵＬＬ width", "café naïve Ångström", "中文字符 mixed",
-    "tab\there\nnew\rline", "\x00null", "a" * 150, "a" * 100, "a" * 101, "é" * 60, "α" * 60, "ж" * 101, "x" * 99 + "é",
-    "emoji 😀 ok", "ß STRASSE", "Ǆ dz", "ΣΑΣ σας", "\ufffdrepl", "x\u0301y", "Ⅻ ½ µl m² …", "\u2028sep \u00a0nbsp",
-    "$5 ^ `x` ~y |z| <a> +=", "日本語のテキスト", "한국어", "\u3000ideo", "a\u0085b", "e\ue000priv", "", "   ",
-    "a\x0bb\x0cc", "CD3ϵ", "Nigeria\\'s",
+    "foo\u200bbar",
+    "soft\u00adhyphen",
+    "İstanbul",
+    "ﬁne ﬃ",
+    "ＦＵＬＬ width",
+    "café naïve Ångström",
+    "中文字符 mixed",
+    "tab\there\nnew\rline",
+    "\x00null",
+    "a" * 150,
+    "a" * 100,
+    "a" * 101,
+    "é" * 60,
+    "α" * 60,
+    "ж" * 101,
+    "x" * 99 + "é",
+    "emoji 😀 ok",
+    "ß STRASSE",
+    "Ǆ dz",
+    "ΣΑΣ σας",
+    "\ufffdrepl",
+    "x\u0301y",
+    "Ⅻ ½ µl m² …",
+    "\u2028sep \u00a0nbsp",
+    "$5 ^ `x` ~y |z| <a> +=",
+    "日本語のテキスト",
+    "한국어",
+    "\u3000ideo",
+    "a\u0085b",
+    "e\ue000priv",
+    "",
+    "   ",
+    "a\x0bb\x0cc",
+    "CD3ϵ",
+    "Nigeria\\'s",
 ]
 
 
@@ -65,8 +97,15 @@ def test_wordpiece_spec_and_vocabulary_api(minilm_dir, minilm_vocab, hf_minilm):
 
 def test_tf_tokenizer_module_pads(minilm_dir, hf_minilm):
     tok = tf_tokenize.TFTokenizer(minilm_dir, max_length=16)
-    out = tok(tf.constant(["a short one", "a much longer sentence that will certainly be cut at sixteen tokens because it goes on and on and on"]),
-              pad_to=16)
+    out = tok(
+        tf.constant(
+            [
+                "a short one",
+                "a much longer sentence that will certainly be cut at sixteen tokens as it goes on and on",
+            ]
+        ),
+        pad_to=16,
+    )
     assert out["input_ids"].shape == (2, 16) and out["attention_mask"].shape == (2, 16)
     ref = hf_minilm(["a short one"], padding="max_length", max_length=16, truncation=True)
     assert out["input_ids"][0].numpy().tolist() == ref["input_ids"][0]
@@ -83,12 +122,23 @@ def tiny_t5_dir(tmp_path_factory, shipped):
     for line in (shipped / "stsb" / "train.tsv").read_text(encoding="utf-8").split("\n")[:-1]:
         f = line.split("\t")
         lines += [f[5], f[6]]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "spiece"), vocab_size=1000,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(d / "spiece"),
+        vocab_size=1000,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
     (d / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 1100, "d_model": 8}))
-    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 100,
-                                                         "model_max_length": 512}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": 512})
+    )
     return d
 
 
@@ -97,7 +147,9 @@ def test_sentencepiece_ids_equal_hf(tiny_t5_dir, shipped):
 
     vocab = tf_tokenize.load_vocabulary(tiny_t5_dir)
     hf = AutoTokenizer.from_pretrained(str(tiny_t5_dir))
-    assert vocab.spec.kind == "sentencepiece" and vocab.spec.prefix_ids == () and vocab.spec.suffix_ids == (1,)
+    assert (
+        vocab.spec.kind == "sentencepiece" and vocab.spec.prefix_ids == () and vocab.spec.suffix_ids == (1,)
+    )
     texts = []
     for split in ("dev", "test"):
         for line in (shipped / "stsb" / f"{split}.tsv").read_text(encoding="utf-8").split("\n")[:-1]:
@@ -132,3 +184,25 @@ def test_tokenizer_that_does_not_match_the_model_is_refused(tmp_path, minilm_dir
         tf_tokenize.load_vocabulary(small)
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         tf_tokenize.tokenizer_spec(tmp_path)
+
+
+def test_tf_tokenizer_survives_a_savedmodel_round_trip(tmp_path, minilm_dir, hf_minilm):
+    """The export reuses TFTokenizer inside a serving signature: it must save and load with the same ids."""
+    tok = tf_tokenize.TFTokenizer(minilm_dir, max_length=32)
+
+    class Serve(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = tok
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def __call__(self, texts):
+            return self.tok(texts)
+
+    tf.saved_model.save(Serve(), str(tmp_path / "sm"))
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    texts = ["Hello, naïve world!", "CD3ϵ cells at 5 µl/ml", "a " * 40]
+    out = loaded(tf.constant(texts))
+    ref = hf_minilm(texts, truncation=True, max_length=32, padding="longest")
+    assert out["input_ids"].numpy().tolist() == ref["input_ids"]
+    assert out["attention_mask"].numpy().tolist() == ref["attention_mask"]

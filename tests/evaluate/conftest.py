@@ -17,9 +17,11 @@ def hash_encoder() -> HashEncoder:
 
 
 def shared_data_dir() -> Path | None:
-    """The project's shared data (``../shared/data`` beside the repo, or ``$EMBEDJAX_SHARED_DATA``)."""
-    for cand in (os.environ.get("EMBEDJAX_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
-        if cand and (Path(cand) / "stsb" / "test.tsv").is_file():
+    """Folder with ``stsb/`` and ``scifact/``: the copies shipped in ``embedjax/data/shipped``, else
+    ``$EMBEDJAX_SHARED_DATA``, else the project's ``../shared/data`` beside the repo."""
+    for cand in (REPO / "embedjax" / "data" / "shipped", os.environ.get("EMBEDJAX_SHARED_DATA"),
+                 REPO.parent / "shared" / "data"):
+        if cand and (Path(cand) / "stsb" / "test.tsv").is_file() and (Path(cand) / "scifact").is_dir():
             return Path(cand)
     return None
 
@@ -28,7 +30,7 @@ def shared_data_dir() -> Path | None:
 def shared_data() -> Path:
     d = shared_data_dir()
     if d is None:
-        msg = "shared data (stsb/, scifact/) not found beside the repo; set EMBEDJAX_SHARED_DATA"
+        msg = "STS-B / SciFact data not found (embedjax/data/shipped, ../shared/data); set EMBEDJAX_SHARED_DATA"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)

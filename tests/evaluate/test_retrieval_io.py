@@ -228,3 +228,13 @@ def test_failed_encoding_leaves_no_cache_file(beir_dir, tmp_path):
     with pytest.raises(RuntimeError, match="device lost"):
         ev.run(flaky)
     assert list(cache.iterdir()) == []  # the partial file was removed
+
+
+def test_unwritable_cache_dir_only_warns(beir_dir, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    ev = RetrievalEvaluator.from_beir(beir_dir, cache_dir=blocker / "cache", show_progress=False)
+    with caplog.at_level(logging.WARNING):
+        m = ev.run(encode_fn_from_encoder(HashEncoder()))
+    assert "not caching corpus embeddings: cannot write" in caplog.text
+    assert m["n_queries"] == 3
