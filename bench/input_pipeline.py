@@ -185,7 +185,7 @@ def main() -> int:
     n = 20000
     q = [rng.integers(1000, 30000, rng.integers(8, 40)).tolist() for _ in range(n)]
     p = [rng.integers(1000, 30000, rng.integers(30, 250)).tolist() for _ in range(n)]
-    pool = p[: n // 2]
+    pool = [rng.integers(1000, 30000, rng.integers(30, 250)).tolist() for _ in range(n // 2)]  # shared
     negs = [[pool[j] for j in rng.choice(len(pool), 8, replace=False)] for _ in range(n)]
     ts = TokenizedSet.from_lists(list(range(n)), q, p, negs)
     conv = BucketFeatureConverter(bucket_lengths(128), bucket_lengths(256), num_negatives=4, task_names=["t"])

@@ -33,7 +33,7 @@ class TrainState:
 
 
 def _tree_norm(tree: Any) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
 # --------------------------------------------------------------------------------------------- embedding
@@ -139,10 +139,9 @@ def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Grad
 
 # --------------------------------------------------------------------------------------------- step
 
-def make_train_step(model_cfg: ModelConfig, objective: Objective, tx: optax.GradientTransformation, *,
-                    grad_cache_chunks: int = 0, lr_schedule: Callable[[jax.Array], jax.Array] | None = None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Returns step(state, batch) -> (new_state, metrics); jit it with `jit_train_step`.
+def make_loss_and_grads(model_cfg: ModelConfig, objective: Objective, *, grad_cache_chunks: int = 0
+                        ) -> Callable[[dict, dict], tuple[jax.Array, dict, dict]]:
+    """(params, batch) -> (loss, metrics, grads).
 
     grad_cache_chunks > 1 turns on gradient caching: embeddings are computed chunk by chunk without keeping
     activations, the loss gradient is taken w.r.t. the embeddings, then each chunk is recomputed with `vjp`.
@@ -194,7 +193,14 @@ def make_train_step(model_cfg: ModelConfig, objective: Objective, tx: optax.Grad
             g_model, _ = jax.lax.scan(body, g_model, (ids_c, mask_c, g_c))
         return loss, metrics, {"model": g_model, "loss": g_loss}
 
-    compute = cached if grad_cache_chunks and grad_cache_chunks > 1 else plain
+    return cached if grad_cache_chunks and grad_cache_chunks > 1 else plain
+
+
+def make_train_step(model_cfg: ModelConfig, objective: Objective, tx: optax.GradientTransformation, *,
+                    grad_cache_chunks: int = 0, lr_schedule: Callable[[jax.Array], jax.Array] | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns step(state, batch) -> (new_state, metrics); jit it with `jit_train_step`."""
+    compute = make_loss_and_grads(model_cfg, objective, grad_cache_chunks=grad_cache_chunks)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         loss, metrics, grads = compute(state.params, batch)

@@ -5,7 +5,8 @@ take the ``candidates`` best-scoring documents per query, drop the query's posit
 whose text equals a positive's), then apply the positive-aware filter of NV-Retriever (Moreira et al., 2024,
 "TopK-PercPos"): drop every candidate scoring above ``margin`` (0.95) times the positive's score, since those
 are likely unlabelled positives. The best ``negatives`` remaining are written, one JSON object per pair, in
-the triplet format `embedjax.data.sources.read_pairs` reads:
+the triplet format `embedjax.data.sources.read_pairs` reads (when fewer than ``negatives`` survive in the top
+``candidates``, the search goes deeper, doubling up to ``max_candidates``):
 
     {"query": str, "query_id": str, "positive": {"title", "text"}, "positive_id": str,
      "negatives": [{"title", "text"}, ...], "negative_ids": [str, ...], "scores": [pos, neg1, ...]}
@@ -21,9 +22,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class MiningStats:
 
     pairs: int = 0
     written: int = 0
-    candidates: int = 0
+    candidates: int = 0  # candidates examined (ranked documents looked at until enough negatives)
     dropped_positive: int = 0  # a positive of the query (by id or identical text)
     dropped_margin: int = 0  # scored above margin x the positive's score (likely false negative)
     pairs_short: int = 0  # pairs that got fewer than the requested number of negatives
@@ -49,8 +50,8 @@ class MiningStats:
 
     def summary(self) -> str:
         return (
-            f"{self.written} triplets from {self.pairs} pairs; of {self.candidates} candidates dropped "
-            f"{self.dropped_positive} positives and {self.dropped_margin} above the margin; "
+            f"{self.written} triplets from {self.pairs} pairs; of {self.candidates} candidates examined, "
+            f"dropped {self.dropped_positive} positives and {self.dropped_margin} above the margin; "
             f"{self.pairs_short} pairs have fewer negatives than asked "
             f"({self.pairs_without_negatives} have none)"
         )
@@ -70,6 +71,7 @@ def mine_hard_negatives(
     *,
     num_negatives: int = 8,
     candidates: int = 50,
+    max_candidates: int = 1000,
     margin: float = 0.95,
     min_grade: int = 1,
     chunk: int = 256,
@@ -80,7 +82,9 @@ def mine_hard_negatives(
     `encode_*` map a list of texts to [N, D] embeddings (normalised here; scores are cosines). Documents are
     encoded as ``(title + " " + text).strip()``. A query's positives are never negatives, nor is any document
     with the same text as one of them; candidates scoring above ``margin * score(query, positive)`` are
-    dropped.
+    dropped. The top `candidates` documents are searched first; while fewer than `num_negatives` qualify the
+    search goes deeper (doubling, up to `max_candidates`), as a weakly scored positive can leave the whole top
+    above the margin.
     """
     if not 0 < margin <= 1:
         raise ValueError(f"margin must be in (0, 1], got {margin}")
@@ -117,61 +121,87 @@ def mine_hard_negatives(
         )
 
     t0 = time.time()
-    k = min(candidates, len(doc_ids))
-    by_query: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    rng = range(0, len(qids), chunk)
+    out: list[dict | None] = [None] * len(pairs)
+    pairs_of: dict[str, list[int]] = {}
+    for n, (q, _) in enumerate(pairs):
+        pairs_of.setdefault(q, []).append(n)
+    starts = range(0, len(qids), chunk)
     if progress:
         from tqdm.auto import tqdm
 
-        rng = tqdm(rng, desc="mine: search", unit="chunk")
-    for s in rng:
-        S = Q[s : s + chunk] @ D.T  # [q, N]
-        top = (
-            np.argpartition(-S, k - 1, axis=1)[:, :k]
-            if k < S.shape[1]
-            else np.tile(np.arange(S.shape[1]), (S.shape[0], 1))
-        )
+        starts = tqdm(starts, desc="mine: search", unit="chunk")
+    for s in starts:
+        S = Q[s : s + chunk] @ D.T  # [q, N] cosine scores
         for r, q in enumerate(qids[s : s + chunk]):
-            cand = top[r][np.lexsort((top[r], -S[r, top[r]]))]  # by score desc, ties by row
-            by_query[q] = (cand, S[r])
+            pos_rows = {row_of[p] for p, g in qrels[q].items() if g >= min_grade and p in row_of}
+            for p in list(pos_rows):
+                pos_rows.update(text_rows[doc_texts[p]])  # identical text = the same document
+            for n in pairs_of[q]:
+                d = pairs[n][1]
+                pos_score = float(S[r, row_of[d]])
+                negs = _select(
+                    S[r], pos_rows, margin * pos_score, num_negatives, candidates, max_candidates, stats
+                )
+                title, text = corpus[d]
+                out[n] = {
+                    "query": queries[q],
+                    "query_id": q,
+                    "positive": {"title": title, "text": text},
+                    "positive_id": d,
+                    "negatives": [
+                        {"title": corpus[doc_ids[c]][0], "text": corpus[doc_ids[c]][1]} for c in negs
+                    ],
+                    "negative_ids": [doc_ids[c] for c in negs],
+                    "scores": [round(pos_score, 6)] + [round(float(S[r, c]), 6) for c in negs],
+                }
+    stats.written = len(out)
+    stats.seconds["search"] = time.time() - t0
+    return [o for o in out if o is not None], stats
 
-    out: list[dict] = []
-    for q, d in pairs:
-        cand, scores = by_query[q]
-        pos_rows = {row_of[p] for p, g in qrels[q].items() if g >= min_grade and p in row_of}
-        for p in list(pos_rows):
-            pos_rows.update(text_rows[doc_texts[p]])  # identical text = the same document
-        pos_score = float(scores[row_of[d]])
-        limit = margin * pos_score
-        negs: list[int] = []
-        for c in cand:
+
+def _ranked(scores: np.ndarray, depth: int) -> np.ndarray:
+    """Rows of the `depth` best scores, best first (ties by row)."""
+    if depth < len(scores):
+        top = np.argpartition(-scores, depth - 1)[:depth]
+    else:
+        top = np.arange(len(scores))
+    return top[np.lexsort((top, -scores[top]))]
+
+
+def _select(
+    scores: np.ndarray,
+    pos_rows: set[int],
+    limit: float,
+    k: int,
+    depth: int,
+    max_depth: int,
+    stats: MiningStats,
+) -> list[int]:
+    """The best `k` rows that are not positives and score <= `limit`, searching the top `depth` and doubling
+    the depth (up to `max_depth`) while fewer than `k` qualify."""
+    depth = min(depth, len(scores))
+    max_depth = min(max(max_depth, depth), len(scores))
+    seen = 0
+    negs: list[int] = []
+    while True:
+        ranked = _ranked(scores, depth)
+        for c in ranked[seen:]:
             stats.candidates += 1
             if int(c) in pos_rows:
                 stats.dropped_positive += 1
-                continue
-            if scores[c] > limit:
+            elif scores[c] > limit:
                 stats.dropped_margin += 1
-                continue
-            if len(negs) < num_negatives:
+            else:
                 negs.append(int(c))
-        if len(negs) < num_negatives:
-            stats.pairs_short += 1
-            stats.pairs_without_negatives += not negs
-        title, text = corpus[d]
-        out.append(
-            {
-                "query": queries[q],
-                "query_id": q,
-                "positive": {"title": title, "text": text},
-                "positive_id": d,
-                "negatives": [{"title": corpus[doc_ids[c]][0], "text": corpus[doc_ids[c]][1]} for c in negs],
-                "negative_ids": [doc_ids[c] for c in negs],
-                "scores": [round(pos_score, 6)] + [round(float(scores[c]), 6) for c in negs],
-            }
-        )
-    stats.written = len(out)
-    stats.seconds["search"] = time.time() - t0
-    return out, stats
+                if len(negs) == k:
+                    return negs
+        seen = len(ranked)
+        if depth >= max_depth:
+            break
+        depth = min(2 * depth, max_depth)
+    stats.pairs_short += 1
+    stats.pairs_without_negatives += not negs
+    return negs
 
 
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> Path:
@@ -199,7 +229,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--split", default="train", help="qrels split to mine for (default: train)")
     p.add_argument("--negatives", type=int, default=8, help="negatives per pair (default: 8)")
     p.add_argument(
-        "--candidates", type=int, default=50, help="top-k documents considered per query (default: 50)"
+        "--candidates", type=int, default=50, help="top-k documents searched first per query (default: 50)"
+    )
+    p.add_argument(
+        "--max-candidates",
+        type=int,
+        default=1000,
+        help="search deeper, up to this rank, while fewer than --negatives qualify (default: 1000)",
     )
     p.add_argument(
         "--margin",
@@ -245,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         lambda t: encode(t, "document", args.document_prompt),
         num_negatives=args.negatives,
         candidates=args.candidates,
+        max_candidates=args.max_candidates,
         margin=args.margin,
     )
     write_jsonl(rows, out)

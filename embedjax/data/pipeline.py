@@ -27,8 +27,8 @@ import dataclasses
 import hashlib
 import logging
 import zlib
-from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -288,13 +288,13 @@ class ContrastiveBatchIterator:
 
     Args:
       data: task name -> this host's `TokenizedSet`.
-      rates: task name -> mixing rate (relative; a rate-0 task is not sampled). Default: proportional to size.
+      rates: task name -> mixing rate (relative; a rate-0 task is not sampled). Default: task sizes.
       batch_size: rows per batch on this host (the global batch divided by the number of processes).
       converter: pads picks to arrays (default: buckets from the longest sequences, no negatives).
       num_negatives: hard negatives per row (sampled from the example's list each epoch; missing ones are
-      masked). group_by_task: every batch holds one task (chosen by rate with a (seed, step) generator, the
-      same on all hosts);
-        else each row's task is drawn by rate.
+        masked).
+      group_by_task: every batch holds one task (chosen by rate with a (seed, step) generator, the same on
+        all hosts); else each row's task is drawn by rate.
       dedup: no text appears twice in a batch (later rows that would repeat one are deferred, not dropped).
       seed: base seed of every random choice.
     """

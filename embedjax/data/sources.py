@@ -34,10 +34,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """seqio Tasks and Mixtures for contrastive training from local files, and the bridge to the batch iterator.
 
-A task is ``TFDS dataset (tfds_builders) -> text keys -> prompt -> tokenize (the model's own tokenizer)``:
+A task is ``TFDS dataset (tfds_builders) -> text keys -> prompt -> tokenize (the model's own tokenizer)``,
+run on batches of 256 examples (``batch_examples`` ... ``unbatch_examples``):
 
     vocab = tf_tokenize.load_vocabulary(model_dir)               # same ids as the model's HF tokenizer
     add_task("scifact", prepare_dataset("beir", "embedjax/data/shipped/scifact"), vocab,
@@ -27,8 +28,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Literal
 from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import seqio
@@ -64,12 +65,23 @@ def text_key_tf(texts: tf.Tensor) -> tf.Tensor:
     return tf.strings.to_hash_bucket_fast(strip_tf(texts), _KEY_BUCKETS)
 
 
-def example_keys_tf(ex: Mapping[str, tf.Tensor]) -> tf.Tensor:
-    """Keys of one raw example: [query, positive document, negative documents...] (int64 [2 + K])."""
-    q = text_key_tf(ex["query"])[tf.newaxis]
-    p = text_key_tf(doc_text_tf(ex["positive_title"], ex["positive"]))[tf.newaxis]
-    n = text_key_tf(doc_text_tf(ex["negative_titles"], ex["negatives"]))
-    return tf.concat([q, p, n], axis=0)
+def _on_strings(fn, *xs: Any) -> Any:
+    """Applies an elementwise string function to dense tensors or to ragged ones (same row splits)."""
+    if isinstance(xs[0], tf.RaggedTensor):
+        return xs[0].with_flat_values(fn(*(x.flat_values for x in xs)))
+    return fn(*xs)
+
+
+def example_keys_tf(ex: Mapping[str, tf.Tensor]) -> tf.Tensor | tf.RaggedTensor:
+    """Keys of raw examples: [query, positive document, negative documents...]: int64 [2 + K] for one
+    example, ragged [B, (2 + K)] for a batch (`batch_examples`)."""
+    q = text_key_tf(ex["query"])
+    p = text_key_tf(doc_text_tf(ex["positive_title"], ex["positive"]))
+    n = _on_strings(lambda t, x: text_key_tf(doc_text_tf(t, x)), ex["negative_titles"], ex["negatives"])
+    if ex["query"].shape.rank == 0:
+        return tf.concat([q[tf.newaxis], p[tf.newaxis], n], axis=0)
+    qp = tf.RaggedTensor.from_tensor(tf.stack([q, p], axis=1))
+    return tf.concat([qp, n], axis=1)
 
 
 # --------------------------------------------------------------------------------------------------- source
@@ -127,15 +139,16 @@ class LocalTfdsSource(seqio.DataSource):
 
 
 def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards: int) -> np.ndarray:
+    """Union-find over "shares a text key" (query, positive, negatives), then groups -> hosts."""
     n = builder.info.splits[split].num_examples
     ds = builder.as_dataset(
         split=split, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)
     )
-    ds = ds.map(
+    ds = ds.ragged_batch(4096).map(
         lambda ex: {"idx": ex["idx"], "keys": example_keys_tf(ex)},
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
-    ).ragged_batch(4096)
+    )
     parent = np.arange(n)
 
     def find(a: int) -> int:
@@ -160,9 +173,8 @@ def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards
             f"{builder.info.full_name} ({split}): only {len(uniq)} group(s) of examples that share no text, "
             f"fewer than the {num_shards} hosts; use shard_by='index' or fewer hosts"
         )
-    order = sorted(
-        range(len(uniq)), key=lambda g: (-sizes[g], uniq[g])
-    )  # big groups first, ties by first row
+    # Greedy balancing: biggest groups first (ties by first row), each to the least loaded host.
+    order = sorted(range(len(uniq)), key=lambda g: (-sizes[g], uniq[g]))
     load = np.zeros(num_shards, np.int64)
     group_owner = np.zeros(len(uniq), np.int32)
     for g in order:
@@ -181,8 +193,21 @@ def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards
 
 
 # -------------------------------------------------------------------------------------------- preprocessors
+# The task's preprocessors run on batches of examples (string ops are far cheaper per batch than per example):
+# batch_examples -> add_text_keys -> apply_prompt -> tokenize_pairs -> unbatch_examples. The middle three
+# accept single examples too.
+def batch_examples(ds: tf.data.Dataset, batch_size: int = 256) -> tf.data.Dataset:
+    """Groups examples into ragged batches for the vectorised preprocessors."""
+    return ds.ragged_batch(batch_size)
+
+
+def unbatch_examples(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Back to one example per element (what seqio validates and what the batch iterator reads)."""
+    return ds.unbatch()
+
+
 def add_text_keys(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Adds ``keys`` (int64 [2 + K]) computed from the raw texts, before any prompt."""
+    """Adds ``keys`` (int64 [2 + K] per example) computed from the raw texts, before any prompt."""
     return ds.map(lambda ex: dict(ex, keys=example_keys_tf(ex)), num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -195,10 +220,10 @@ def apply_prompt(ds: tf.data.Dataset, prompt: Prompt, symmetric: bool = False) -
         ex["query"] = prompt.format_query_tf(ex["query"])
         if symmetric:
             ex["positive"] = prompt.format_query_tf(ex["positive"])
-            ex["negatives"] = prompt.format_query_tf(ex["negatives"])
+            ex["negatives"] = _on_strings(prompt.format_query_tf, ex["negatives"])
         else:
             ex["positive"] = prompt.format_document_tf(ex["positive"], ex["positive_title"])
-            ex["negatives"] = prompt.format_document_tf(ex["negatives"], ex["negative_titles"])
+            ex["negatives"] = _on_strings(prompt.format_document_tf, ex["negatives"], ex["negative_titles"])
         return ex
 
     return ds.map(fmt, num_parallel_calls=tf.data.AUTOTUNE)
@@ -214,7 +239,8 @@ def tokenize_pairs(
     batch_size: int = 256,
 ) -> tf.data.Dataset:
     """Tokenizes query / positive / negatives with the model's special tokens, truncated to
-    ``sequence_length`` (vectorised over `batch_size` examples at a time)."""
+    ``sequence_length``. On batches (`batch_examples`) directly; single examples are batched by `batch_size`
+    for the call and unbatched after."""
     if not sequence_length or "query" not in sequence_length or "positive" not in sequence_length:
         raise ValueError(
             "sequence_length must give 'query' and 'positive' lengths, e.g. {'query': 64, 'positive': 256}"
@@ -232,7 +258,9 @@ def tokenize_pairs(
         return out
 
     ds = ds.map(lambda ex: {k: ex[k] for k in _KEEP + ("query", "positive", "negatives")})
-    return ds.ragged_batch(batch_size).map(tok, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    if ds.element_spec["query"].shape.rank == 0:
+        return ds.ragged_batch(batch_size).map(tok, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    return ds.map(tok, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # ------------------------------------------------------------------------------------------------- registry
@@ -269,9 +297,11 @@ def add_task(
         output_features=feats,
         shuffle_buffer_size=None,
         preprocessors=[
+            batch_examples,
             add_text_keys,
             functools.partial(apply_prompt, prompt=prompt or Prompt(), symmetric=symmetric),
             tokenize_pairs,
+            unbatch_examples,
         ],
     )
 

@@ -7,9 +7,9 @@
   Hugging Face BertNormalizer (control-character removal, CJK spacing, NFD accent stripping, lower-casing, as
   the tokenizer's own config says) and BertPreTokenizer (split on whitespace and punctuation) are reproduced
   with TF string ops in front of it, including the 100-characters-per-word limit, so the ids match exactly
-  (checked on every shipped SciFact and STS-B text in tests/data/test_tf_tokenize.py). ``FastBertTokenizer``'s
-  own normaliser is not used: it applies compatibility folding (``µ`` -> ``μ``, ``…`` -> ``...``, ``²`` ->
-  ``2``) that the HF tokenizer does not.
+  (checked on every shipped SciFact and STS-B text in tests/data/test_data_tf_tokenize.py).
+  ``FastBertTokenizer``'s own normaliser is not used: it applies compatibility folding (``µ`` -> ``μ``,
+  ``…`` -> ``...``, ``²`` -> ``2``) that the HF tokenizer does not.
 * SentencePiece (T5 family): ``seqio.SentencePieceVocabulary`` on the folder's ``spiece.model``.
 
 Special tokens and truncation (`encode_tf`) follow the Hugging Face tokenizer of the same folder: the ids it
@@ -26,9 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
-from collections.abc import Sequence
 
 import seqio
 import tensorflow as tf

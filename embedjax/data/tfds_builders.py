@@ -14,9 +14,9 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator, Mapping
 
 import tensorflow as tf
 import tensorflow_datasets as tfds

@@ -181,4 +181,3 @@ def encode_fn_from_sentence_transformer(
             cache_key, f"document_prompt={document_prompt!r}"
         )
     return encode_fn
-

@@ -93,6 +93,22 @@ def test_mining_drops_positives_and_applies_the_margin(tmp_path):
         assert r["negative_ids"] == want[:3]
 
 
+def test_search_goes_deeper_when_the_top_is_all_filtered(tmp_path):
+    beir = sources.read_beir(_tiny_beir(tmp_path), ("train",))
+    enc = _bow_encoder()
+    kw = dict(num_negatives=1, candidates=1, progress=False)
+    # q2's best document is its own positive d5: with depth 1 nothing qualifies.
+    shallow, st = mining.mine_hard_negatives(
+        beir.queries, beir.corpus, beir.qrels["train"], enc, enc, max_candidates=1, **kw
+    )
+    assert [r["negative_ids"] for r in shallow if r["query_id"] == "q2"] == [[], []]
+    assert st.pairs_short >= 2 and st.pairs_without_negatives >= 2
+    deep, st = mining.mine_hard_negatives(
+        beir.queries, beir.corpus, beir.qrels["train"], enc, enc, max_candidates=8, **kw
+    )
+    assert all(len(r["negative_ids"]) == 1 for r in deep) and st.pairs_short == 0
+
+
 def test_mined_file_feeds_the_pipeline(tmp_path):
     beir = sources.read_beir(_tiny_beir(tmp_path), ("train",))
     enc = _bow_encoder()
