@@ -9,16 +9,18 @@ turns those into batches:
   longest row, so a training run compiles one step per (query bucket, document bucket) pair at most.
 * `ContrastiveBatchIterator`: an endless iterator over one host's share. Each task is read in a fresh
   permutation per epoch; tasks are mixed by rate (one task per batch, or per example); and with ``dedup`` no
-  text (query, positive or chosen negative) appears twice in a batch: an example that would repeat a text is
-  deferred to a later batch, never dropped. Its whole position is `get_state()` (a small JSON-able dict);
-  `set_state()` on a fresh iterator over the same data continues with exactly the batch an uninterrupted run
-  would have produced.
+  text (query, positive or chosen negative) appears twice in a batch: an example whose query or positive
+  repeats a text already in the batch is deferred to a later batch, never dropped; a negative that would
+  repeat one is passed over for another of the example's negatives (or masked). Its whole position is
+  `get_state()` (a small JSON-able dict); `set_state()` on a fresh iterator over the same data continues with
+  exactly the batch an uninterrupted run would have produced.
 * `make_global_batch`: local batches of all processes -> global ``jax.Array``s on the training mesh.
 
 Random choices (task of a batch, per-epoch order, negatives) come from counter-based generators seeded with
 ``(seed, step)`` or ``(seed, task, epoch, ...)``, so the state needs no RNG blob and all hosts agree on the
-task of each step. Global uniqueness across hosts holds when each host holds whole "text groups" (examples
-that share any text live on one host), which is how `tasks.LocalTfdsSource` shards by default.
+task of each step. Across hosts, `tasks.LocalTfdsSource` keeps examples that share a query / positive text on
+one host and `tasks.build_iterator` passes each host the texts it must not use as negatives
+(``exclude_negative_keys``), so a global batch repeats no query / positive and holds no false negative.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import dataclasses
 import hashlib
 import logging
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -189,7 +191,8 @@ class BucketFeatureConverter:
     """Picks -> fixed-shape padded numpy arrays (the model's input features).
 
     Keys: ``query_ids``/``query_mask`` [B, Lq]; ``positive_ids``/``positive_mask`` [B, Ld]; with negatives
-    ``negative_ids``/``negative_mask`` [B, K, Ld] and ``negative_valid`` [B, K]; ``scores`` [B, 1+K] and
+    ``negative_ids``/``negative_mask`` [B, K, Ld], ``negative_valid`` [B, K] and ``negative_index`` [B, K]
+    (position in the example's negatives list, -1 where masked); ``scores`` [B, 1+K] and
     ``scores_valid`` [B, 1+K] (teacher / gold scores, valid where the example has them); ``task_id`` [B]
     (index into `task_names`); ``example_idx`` [B] (row in the source file). Lq and Ld are buckets
     (`bucket_lengths`).
@@ -231,12 +234,15 @@ class BucketFeatureConverter:
             neg_ids = np.full((B, K, Ld), self.pad_id, np.int32)
             neg_mask = np.zeros((B, K, Ld), np.int32)
             valid = np.zeros((B, K), bool)
+            index = np.full((B, K), -1, np.int32)
             for b, row in enumerate(ns):
                 for k, x in enumerate(row[:K]):
                     neg_ids[b, k, : len(x)] = x
                     neg_mask[b, k, : len(x)] = 1
                     valid[b, k] = True
+                    index[b, k] = picks[b].negs[k]
             out["negative_ids"], out["negative_mask"], out["negative_valid"] = neg_ids, neg_mask, valid
+            out["negative_index"] = index
         scores = np.zeros((B, 1 + K), np.float32)
         svalid = np.zeros((B, 1 + K), bool)
         for b, p in enumerate(picks):
@@ -295,8 +301,10 @@ class ContrastiveBatchIterator:
         masked).
       group_by_task: every batch holds one task (chosen by rate with a (seed, step) generator, the same on
         all hosts); else each row's task is drawn by rate.
-      dedup: no text appears twice in a batch (later rows that would repeat one are deferred, not dropped).
+      dedup: no text appears twice in a batch (rows whose query / positive would repeat one are deferred, not
+        dropped; negatives that would repeat one are replaced by another of the example's, or masked).
       seed: base seed of every random choice.
+      exclude_negative_keys: task -> text keys never used as negatives (queries / positives of other hosts).
     """
 
     def __init__(
@@ -310,6 +318,7 @@ class ContrastiveBatchIterator:
         group_by_task: bool = True,
         dedup: bool = True,
         seed: int = 0,
+        exclude_negative_keys: Mapping[str, Collection[int]] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -352,7 +361,11 @@ class ContrastiveBatchIterator:
         self.seed = int(seed)
         self._crc = {t: zlib.crc32(t.encode()) for t in self.data}
         self.dropped_negatives: dict[str, int] = {}
-        self._valid_negs = {t: self._clean_negatives(t, ts) for t, ts in self.data.items()}
+        self.skipped_negatives = 0  # negatives passed over because their text was already in the batch
+        exclude = exclude_negative_keys or {}
+        self._valid_negs = {
+            t: self._clean_negatives(t, ts, exclude.get(t, ())) for t, ts in self.data.items()
+        }
         self._fingerprint = hashlib.sha256(
             "|".join(f"{t}:{ts.fingerprint()}" for t, ts in self.data.items()).encode()
         ).hexdigest()[:16]
@@ -414,18 +427,22 @@ class ContrastiveBatchIterator:
         self.step += 1
         return self.converter(picks, self.data)
 
-    def _clean_negatives(self, task: str, ts: TokenizedSet) -> list[np.ndarray]:
-        """Per example, the negatives whose text is not its query, its positive or an earlier negative."""
-        out, dropped = [], 0
+    def _clean_negatives(self, task: str, ts: TokenizedSet, exclude: Collection[int]) -> list[np.ndarray]:
+        """Per example, the negatives whose text is not its query, its positive, an earlier negative, nor in
+        `exclude` (texts of queries / positives held by other hosts)."""
+        exclude = set(exclude)
+        out, dropped, foreign = [], 0, 0
         for i in range(len(ts)):
             k = ts.example_keys(i)
             seen = {int(k[0]), int(k[1])}
             keep = []
-            for j, kj in enumerate(k[2:]):
-                if int(kj) in seen:
+            for j, kj in enumerate(k[2:].tolist()):
+                if kj in seen:
                     dropped += 1
+                elif kj in exclude:
+                    foreign += 1
                 else:
-                    seen.add(int(kj))
+                    seen.add(kj)
                     keep.append(j)
             out.append(np.asarray(keep, np.int32))
         if dropped:
@@ -434,7 +451,14 @@ class ContrastiveBatchIterator:
                 task,
                 dropped,
             )
-        self.dropped_negatives[task] = dropped
+        if foreign:
+            log.info(
+                "task %r: %d negative(s) are the query / positive of an example on another host and are not "
+                "used (they could be a false negative in the global batch)",
+                task,
+                foreign,
+            )
+        self.dropped_negatives[task] = dropped + foreign
         return out
 
     def _perm(self, task: str, epoch: int) -> np.ndarray:
@@ -447,29 +471,47 @@ class ContrastiveBatchIterator:
             )
         return self._perm_cache[key]
 
-    def _candidate(self, task: str, i: int) -> tuple[tuple[int, ...], set[int]]:
-        """(chosen negatives, text keys) of example i at the task's current epoch."""
+    def _fits(self, ts: TokenizedSet, i: int, used: set[int]) -> bool:
+        """Whether example i's query and positive texts are both new to the batch."""
+        if not self.dedup:
+            return True
+        k = int(ts.key_off[i])
+        return int(ts.keys[k]) not in used and int(ts.keys[k + 1]) not in used
+
+    def _take(self, task: str, i: int, used: set[int]) -> Pick:
+        """Puts example i in the batch: marks its texts used and chooses its negatives."""
         ts = self.data[task]
-        negs: tuple[int, ...] = ()
-        if self.num_negatives:
-            valid = self._valid_negs[task][i]
-            if len(valid) > self.num_negatives:
-                r = _rng(self.seed, self._crc[task], self._pos[task]["epoch"], int(ts.idx[i]), 0x4E96)
-                valid = np.sort(r.choice(valid, self.num_negatives, replace=False))
-            negs = tuple(int(j) for j in valid)
-        k = ts.example_keys(i)
-        keys = {int(k[0]), int(k[1])} | {int(k[2 + j]) for j in negs}
-        return negs, keys
+        k0 = int(ts.key_off[i])
+        if self.dedup:
+            used.add(int(ts.keys[k0]))
+            used.add(int(ts.keys[k0 + 1]))
+        if not self.num_negatives:
+            return Pick(task, i, ())
+        valid = self._valid_negs[task][i]
+        if len(valid) > self.num_negatives:  # a fresh random subset each epoch, same on every run
+            epoch, idx = self._pos[task]["epoch"], int(ts.idx[i])
+            valid = sorted(valid.tolist(), key=lambda j: _mix(self.seed, self._crc[task], epoch, idx, j))
+        chosen: list[int] = []
+        for j in valid:
+            kj = int(ts.keys[k0 + 2 + j])
+            if self.dedup and kj in used:  # its text is already in the batch: use another (or mask)
+                self.skipped_negatives += 1
+                continue
+            if self.dedup:
+                used.add(kj)
+            chosen.append(int(j))
+            if len(chosen) == self.num_negatives:
+                break
+        return Pick(task, i, tuple(sorted(chosen)))
 
     def _draw(self, task: str, used: set[int]) -> Pick:
         st = self._pos[task]
-        n = len(self.data[task])
+        ts = self.data[task]
+        n = len(ts)
         for d, i in enumerate(st["deferred"]):
-            negs, keys = self._candidate(task, i)
-            if not self.dedup or not (keys & used):
+            if self._fits(ts, i, used):
                 del st["deferred"][d]
-                used |= keys
-                return Pick(task, i, negs)
+                return self._take(task, i, used)
         scanned = 0
         while True:
             i = int(self._perm(task, st["epoch"])[st["position"]])
@@ -477,10 +519,8 @@ class ContrastiveBatchIterator:
             if st["position"] == n:
                 st["epoch"] += 1
                 st["position"] = 0
-            negs, keys = self._candidate(task, i)
-            if not self.dedup or not (keys & used):
-                used |= keys
-                return Pick(task, i, negs)
+            if self._fits(ts, i, used):
+                return self._take(task, i, used)
             st["deferred"].append(i)
             scanned += 1
             if scanned > n or len(st["deferred"]) > max(n, 4 * self.batch_size):
@@ -489,6 +529,16 @@ class ContrastiveBatchIterator:
                     f"({n} examples on this host, {len(st['deferred'])} waiting because they share text with "
                     "rows already in the batch); lower the batch size or pass dedup=False"
                 )
+
+
+def _mix(*words: int) -> int:
+    """A 64-bit hash of small integers (splitmix64 steps): cheap, deterministic per-item random keys."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h = (h ^ (int(w) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h
 
 
 # ----------------------------------------------------------------------------------------------- multi-host

@@ -18,10 +18,13 @@ sequence is truncated to it with the model's special tokens kept, as ``tokenizer
 max_length=L)`` does.
 
 Sharding over hosts is done by the data source (`LocalTfdsSource`) when seqio passes it a ``ShardInfo``:
-``shard_by="text_groups"`` (default) puts examples that share any text on the same host (connected components
-of the "shares a text" graph, assigned greedily to the least-loaded host), so deduplicating each host's batch
-deduplicates the global batch; ``shard_by="index"`` reads contiguous 1/N slices with ``tfds.even_splits``
-(reads only its part of the files, but the same text may then land in two hosts' halves of a batch).
+``shard_by="text_groups"`` (default) puts examples that share a query or positive text on the same host
+(connected components of the "shares a text" graph, assigned greedily to the least-loaded host), and
+`build_iterator` drops, on each host, the negatives whose text is a query / positive held by another host.
+With each host deduplicating its own rows, no query or positive text then appears twice in the global batch
+and no positive comes back as another row's negative. (Two hosts may still pick the same hard negative in one
+step: a repeated negative column, not a false negative.) ``shard_by="index"`` reads contiguous 1/N slices
+with ``tfds.even_splits`` (reads only its part of the files, but the same text may land in two hosts' rows).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ class LocalTfdsSource(seqio.DataSource):
         super().__init__(
             splits=splits, num_input_examples={s: builder.info.splits[s].num_examples for s in splits}
         )
-        self._owners: dict[tuple[str, int], np.ndarray] = {}
+        self._plans: dict[tuple[str, int], tuple[np.ndarray, dict[int, int]]] = {}
 
     @property
     def supports_arbitrary_sharding(self) -> bool:
@@ -131,15 +134,28 @@ class LocalTfdsSource(seqio.DataSource):
         return ds.filter(lambda ex: tf.equal(tf.gather(owner, ex["idx"]), shard_info.index))
 
     def shard_owners(self, split: str, num_shards: int) -> np.ndarray:
-        """Host of each example (int32 [n]) such that examples sharing any text have the same host."""
+        """Host of each example (int32 [n]) such that examples sharing a query or positive text have the
+        same host."""
         key = (split, num_shards)
-        if key not in self._owners:
-            self._owners[key] = _text_group_owners(self.builder, split, num_shards)
-        return self._owners[key]
+        if key not in self._plans:
+            self._plans[key] = _text_group_plan(self.builder, split, num_shards)
+        return self._plans[key][0]
+
+    def foreign_keys(self, split: str, num_shards: int, index: int) -> set[int]:
+        """Text keys of the queries / positives held by the other hosts (with ``shard_by="text_groups"``):
+        a negative with one of these texts could be a false negative in the global batch."""
+        if self.shard_by != "text_groups" or num_shards == 1:
+            return set()
+        self.shard_owners(split, num_shards)
+        return {k for k, h in self._plans[(split, num_shards)][1].items() if h != index}
 
 
-def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards: int) -> np.ndarray:
-    """Union-find over "shares a text key" (query, positive, negatives), then groups -> hosts."""
+def _text_group_plan(
+    builder: tfds.core.DatasetBuilder, split: str, num_shards: int
+) -> tuple[np.ndarray, dict[int, int]]:
+    """(host of each example, host of each query / positive text key): union-find over "shares a query or
+    positive text", then whole groups to hosts. Negatives do not join groups (mined hard negatives would glue
+    most of a dataset into one group); the iterator keeps them apart instead (`foreign_keys`)."""
     n = builder.info.splits[split].num_examples
     ds = builder.as_dataset(
         split=split, shuffle_files=False, read_config=tfds.ReadConfig(interleave_cycle_length=1)
@@ -160,7 +176,7 @@ def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards
     first: dict[int, int] = {}
     for b in ds:
         for i, ks in zip(b["idx"].numpy().tolist(), b["keys"].to_list()):
-            for k in ks:
+            for k in ks[:2]:  # query, positive
                 j = first.setdefault(k, i)
                 if j != i:
                     ra, rb = find(int(i)), find(j)
@@ -189,7 +205,8 @@ def _text_group_owners(builder: tfds.core.DatasetBuilder, split: str, num_shards
             num_shards,
             load.tolist(),
         )
-    return group_owner[inverse]
+    owners = group_owner[inverse]
+    return owners, {k: int(owners[i]) for k, i in first.items()}  # a key's examples share one host
 
 
 # -------------------------------------------------------------------------------------------- preprocessors
@@ -441,11 +458,11 @@ def build_iterator(
     seed: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
-    min_bucket: int = 16,
 ) -> ContrastiveBatchIterator:
     """The training iterator of this process: its shard of every task of `name`, batches of
     ``global_batch_size / process_count`` rows padded to bucket lengths (defaults: ``jax.process_index()`` /
-    ``jax.process_count()``)."""
+    ``jax.process_count()``). Negatives whose text is a query / positive held by another host are not used,
+    so no row's positive can come back as another host's negative in the global batch."""
     if process_index is None or process_count is None:
         import jax
 
@@ -461,9 +478,15 @@ def build_iterator(
         num_shards=process_count,
     )
     vocab = seqio.TaskRegistry.get(sorted(rates)[0]).output_features["query"].vocabulary
+    foreign: set[int] = set()
+    if num_negatives and dedup and process_count > 1:
+        for t in rates:
+            src = seqio.TaskRegistry.get(t).source
+            if isinstance(src, LocalTfdsSource):
+                foreign |= src.foreign_keys(split, process_count, process_index)
     conv = BucketFeatureConverter(
-        [b for b in bucket_lengths(max_query_length) if b >= min(min_bucket, max_query_length)],
-        [b for b in bucket_lengths(max_doc_length) if b >= min(min_bucket, max_doc_length)],
+        bucket_lengths(max_query_length),
+        bucket_lengths(max_doc_length),
         num_negatives=num_negatives,
         pad_id=vocab.spec.pad_id,
         task_names=sorted(rates),
@@ -477,4 +500,5 @@ def build_iterator(
         group_by_task=group_by_task,
         dedup=dedup,
         seed=seed,
+        exclude_negative_keys={t: foreign for t in data} if foreign else None,
     )
