@@ -115,7 +115,7 @@ class MetricWriter:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
-                self._tb.add_scalar(k, v, step)
+                self._tb.add_scalar(k.replace("@", "_at_"), v, step)
             self._tb.flush()
 
 
@@ -215,12 +215,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
             n_done += 1
             if pending is not None:
                 s, m = drain(pending)
-                if s % config.log_every_steps == 0 or s == 1:
+                if s == start + 1:   # rates exclude the first step (compilation)
+                    t_start, n_done = time.time(), 1
+                if s % config.log_every_steps == 0 or s == start + 1:
                     el = time.time() - t_start
-                    sps = n_done / el
+                    sps = (n_done - 1) / el if n_done > 1 else float("nan")
+                    eta = _fmt_eta((config.num_steps - s) / sps) if sps == sps else "?"
                     log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s", s, config.num_steps,
-                             m["loss"], m.get("accuracy", float("nan")), sps, sps * config.batch_size,
-                             _fmt_eta((config.num_steps - s) / max(sps, 1e-9)))
+                             m["loss"], m.get("accuracy", float("nan")), sps, sps * config.batch_size, eta)
                     writer.write(s, {f"train/{k}": v for k, v in m.items()})
             pending = (step, metrics)
             stop = stop_requested() if stop_requested else False

@@ -428,13 +428,17 @@ class ContrastiveBatchIterator:
         return self.converter(picks, self.data)
 
     def _clean_negatives(self, task: str, ts: TokenizedSet, exclude: Collection[int]) -> list[np.ndarray]:
-        """Per example, the negatives whose text is not its query, its positive, an earlier negative, nor in
-        `exclude` (texts of queries / positives held by other hosts)."""
+        """Per example, the negatives whose text is not its query, a positive of its query (in any example
+        of the task), an earlier negative, nor in `exclude` (queries / positives held by other hosts)."""
         exclude = set(exclude)
+        positives_of: dict[int, set[int]] = {}
+        for i in range(len(ts)):
+            k0 = int(ts.key_off[i])
+            positives_of.setdefault(int(ts.keys[k0]), set()).add(int(ts.keys[k0 + 1]))
         out, dropped, foreign = [], 0, 0
         for i in range(len(ts)):
             k = ts.example_keys(i)
-            seen = {int(k[0]), int(k[1])}
+            seen = {int(k[0]), int(k[1])} | positives_of[int(k[0])]
             keep = []
             for j, kj in enumerate(k[2:].tolist()):
                 if kj in seen:
@@ -447,7 +451,8 @@ class ContrastiveBatchIterator:
             out.append(np.asarray(keep, np.int32))
         if dropped:
             log.warning(
-                "task %r: %d negative(s) equal to their own query, positive or another negative are not used",
+                "task %r: %d negative(s) equal to their query, one of its positives or another negative are "
+                "not used",
                 task,
                 dropped,
             )

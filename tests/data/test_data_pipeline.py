@@ -114,11 +114,86 @@ def test_global_batch_of_two_hosts_has_no_duplicate_text(scifact_builder, minilm
         assert len(set().union(*per_row)) == sum(len(s) for s in per_row), f"step {step}: repeated text"
 
 
+def _scifact_triplets(path, pairs, corpus_docs):
+    """SciFact train pairs with 4 negatives each: 2 positives of other pairs, 2 corpus documents."""
+    from _data_helpers import write_jsonl
+
+    rows = []
+    n = len(pairs)
+    for i, ex in enumerate(pairs):
+        others = [pairs[(i + d) % n] for d in (1, 7)]
+        negs = [{"title": o["positive_title"], "text": o["positive"]} for o in others]
+        negs += [
+            {"title": t, "text": x}
+            for t, x in (
+                corpus_docs[(31 * i) % len(corpus_docs)],
+                corpus_docs[(57 * i + 3) % len(corpus_docs)],
+            )
+        ]
+        rows.append(
+            {
+                "query": ex["query"],
+                "positive": {"title": ex["positive_title"], "text": ex["positive"]},
+                "negatives": negs,
+            }
+        )
+    return write_jsonl(path, rows)
+
+
+def test_two_hosts_with_hard_negatives_hold_no_false_negative(
+    tmp_path, shipped, tfds_dir, minilm_vocab, scifact_pairs
+):
+    from embedjax.data import sources, tasks
+    from embedjax.data.tfds_builders import prepare_dataset
+
+    beir = sources.read_beir(shipped / "scifact", ("train",))
+    corpus_docs = list(beir.corpus.values())
+    path = _scifact_triplets(tmp_path / "trip.jsonl", scifact_pairs, corpus_docs)
+    raw, _ = sources.read_pairs(path)
+    tasks.add_task("t_trip", prepare_dataset("pairs", path, data_dir=tfds_dir), minilm_vocab)
+    its = [
+        tasks.build_iterator(
+            "t_trip",
+            "train",
+            global_batch_size=64,
+            max_query_length=64,
+            max_doc_length=128,
+            num_negatives=3,
+            process_index=h,
+            process_count=2,
+            seed=1,
+        )
+        for h in (0, 1)
+    ]
+    sizes = [len(it.data["t_trip"]) for it in its]
+    assert sum(sizes) == len(raw) and min(sizes) > 0.4 * len(raw)  # negatives do not glue the data together
+    assert all(it.dropped_negatives["t_trip"] > 0 for it in its)  # other hosts' positives were excluded
+    used_negs = 0
+    for step in range(15):
+        qp, negs = [], []
+        for it in its:
+            b = next(it)
+            for r, i in enumerate(b["example_idx"].tolist()):
+                ex = raw[i]
+                qp.append([ex["query"].strip(), doc_text(ex["positive_title"], ex["positive"])])
+                for j in b["negative_index"][r][b["negative_valid"][r]].tolist():
+                    negs.append(doc_text(ex["negative_titles"][j], ex["negatives"][j]))
+        flat_qp = [t for row in qp for t in row]
+        rows = [set(x) for x in qp]
+        assert sum(len(x) for x in rows) == len(set().union(*rows)), f"step {step}: a query/positive repeats"
+        assert not set(negs) & set(flat_qp), f"step {step}: a positive is also a negative (false negative)"
+        used_negs += len(negs)
+    assert used_negs > 15 * 64 * 2  # most rows still get negatives
+
+
 def _triplet_set(n=200, negs=5, seed=0) -> TokenizedSet:
+    """Synthetic tokenized triplets (texts keyed by their ids): some positives shared by several examples,
+    negatives drawn from a shared pool, scores on two thirds of the rows."""
     rng = np.random.default_rng(seed)
     q = [rng.integers(1000, 2000, rng.integers(3, 30)).tolist() for _ in range(n)]
-    p = [rng.integers(2000, 3000, rng.integers(3, 90)).tolist() for _ in range(n)]
-    pool = [rng.integers(3000, 4000, rng.integers(3, 90)).tolist() for _ in range(3 * n)]  # shared negatives
+    docs = [rng.integers(2000, 3000, rng.integers(3, 90)).tolist() for _ in range(3 * n // 4)]
+    p = [docs[j] for j in rng.integers(0, len(docs), n)]  # repeated positives: deferrals
+    pool = [rng.integers(3000, 4000, rng.integers(3, 90)).tolist() for _ in range(n)]  # shared negatives
     ng = [
         [pool[j] for j in rng.choice(len(pool), rng.integers(0, negs + 3), replace=False)] for _ in range(n)
     ]
@@ -163,6 +238,20 @@ def test_restored_iterator_yields_the_same_next_batches(group_by_task):
                 )
 
 
+def test_no_text_twice_in_a_batch_with_negatives():
+    it = _mixed_iterator(group_by_task=False)
+    for _ in range(30):
+        b = next(it)
+        texts = []
+        for r in range(24):
+            texts.append(tuple(b["query_ids"][r][b["query_mask"][r] > 0]))
+            texts.append(tuple(b["positive_ids"][r][b["positive_mask"][r] > 0]))
+            for k in np.nonzero(b["negative_valid"][r])[0]:
+                texts.append(tuple(b["negative_ids"][r, k][b["negative_mask"][r, k] > 0]))
+        assert len(texts) == len(set(texts))
+    assert it.skipped_negatives > 0  # the shared pool made some negatives collide: they were replaced
+
+
 def test_negatives_scores_and_masks():
     it = _mixed_iterator(group_by_task=False)
     b = next(it)
@@ -171,22 +260,27 @@ def test_negatives_scores_and_masks():
     v = b["negative_valid"]
     assert np.all(b["negative_mask"][~v] == 0) and np.all(b["negative_mask"][v].sum(-1) > 0)
     assert v.sum() > 0 and (~v).sum() > 0  # some rows have fewer than 3 negatives
+    assert np.all((b["negative_index"] >= 0) == v)
     for r in range(24):
         if b["scores_valid"][r, 0]:
             assert np.array_equal(b["scores_valid"][r, 1:], v[r])
     assert set(b["task_id"].tolist()) <= {0, 1}
 
 
-def test_negative_equal_to_its_positive_is_not_used(caplog):
-    q, p = [[5, 6], [7, 8]], [[9, 10], [11, 12]]
-    ts = TokenizedSet.from_lists(
-        [0, 1], q, p, [[[9, 10], [13]], [[14]]]
-    )  # row 0's first negative = its positive
-    it = ContrastiveBatchIterator({"t": ts}, 2, converter=_converter(2), num_negatives=2, seed=0)
-    assert it.dropped_negatives == {"t": 1} and "1 negative(s) equal to their own" in caplog.text
-    b = next(it)
-    r0 = int(np.nonzero(b["example_idx"] == 0)[0][0])
-    assert b["negative_valid"][r0].tolist() == [True, False] and b["negative_ids"][r0, 0, 0] == 13
+def test_negative_equal_to_a_positive_of_its_query_is_not_used(caplog):
+    # Rows 0 and 2 share a query; row 0's negatives are its own positive, row 2's positive, and [15].
+    q, p = [[5, 6], [7, 8], [5, 6]], [[9, 10], [11, 12], [13]]
+    ts = TokenizedSet.from_lists([0, 1, 2], q, p, [[[9, 10], [13], [15]], [[14]], []])
+    it = ContrastiveBatchIterator({"t": ts}, 1, converter=_converter(2), num_negatives=2, seed=0)
+    assert it.dropped_negatives == {"t": 2} and "2 negative(s) equal to their query" in caplog.text
+    for _ in range(3):
+        b = next(it)
+        if b["example_idx"][0] == 0:
+            assert b["negative_valid"][0].tolist() == [True, False]
+            assert b["negative_index"][0, 0] == 2 and b["negative_ids"][0, 0, 0] == 15
+            break
+    else:
+        pytest.fail("row 0 never came up")
 
 
 def test_mixing_rates_are_followed():

@@ -1,0 +1,54 @@
+"""GTR-style retrieval fine-tuning (Ni et al. 2021): a T5 v1.1 encoder, mean pooling, 768-d bias-free projection,
+L2 norm, in-batch softmax with one hard negative per query, query->document only, temperature 0.01, Adafactor.
+
+    embedjax train --config configs/gtr.py:base --workdir gs://BUCKET/gtr-base \\
+        --config.data.path=/path/to/msmarco_triplets.jsonl
+
+Data: JSONL triplets {"query", "positive", "negatives": [...]} (e.g. MS MARCO with mined negatives from
+`embedjax mine`). Published result (GTR-Base, BEIR avg nDCG@10): 0.416 (paper, Table 3). Not run here: the
+training data and TPU time are not available on the development machine; `:tiny` is exercised by the tests' AOT /
+config-loading checks.
+"""
+from embedjax.config import base_config
+
+T5_SIZES = {   # T5 v1.1 encoders (d_model, d_kv, d_ff, layers, heads)
+    "tiny": (64, 16, 128, 2, 4),
+    "base": (768, 64, 2048, 12, 12),
+    "large": (1024, 64, 2816, 24, 16),
+    "xl": (2048, 64, 5120, 24, 32),
+    "xxl": (4096, 64, 10240, 24, 64),
+}
+
+
+def t5_model_config(size: str, projection_dim: int = 768) -> dict:
+    d, kv, ff, layers, heads = T5_SIZES[size]
+    return {"architecture": "t5",
+            "encoder": dict(vocab_size=32128, d_model=d, d_kv=kv, d_ff=ff, num_layers=layers, num_heads=heads,
+                            feed_forward_proj="gated-gelu", dtype="bfloat16"),
+            "head": dict(pooling="mean", projection_dim=projection_dim, projection_bias=False, normalize=True),
+            "max_length": 512}
+
+
+def get_config(arg=None):
+    size = arg or "base"
+    c = base_config()
+    c.model_config = t5_model_config(size, 64 if size == "tiny" else 768)
+    c.tokenizer = "google/t5-v1_1-base"           # SentencePiece vocabulary shared by all T5 v1.1 sizes
+    c.max_query_length = 64
+    c.max_document_length = 256
+    c.data.kind = "pairs"
+    c.data.path = ""
+    c.data.num_negatives = 1
+    c.batch_size = 2048
+    c.num_steps = 20_000
+    c.loss.name = "in_batch_softmax"
+    c.loss.temperature = 0.01
+    c.loss.bidirectional = False
+    c.optim.name = "adafactor"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 1000
+    c.optim.weight_decay = 0.0
+    c.mesh = dict(data=-1, fsdp=1 if size in ("tiny", "base") else 8, tensor=1)
+    c.grad_cache_chunks = 0 if size in ("tiny", "base") else 8
+    c.checkpoint_every_steps = 1000
+    return c

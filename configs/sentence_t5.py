@@ -1,0 +1,124 @@
+"""Sentence-T5 dual encoders (Ni et al. 2021): a T5 encoder, mean pooling, a 768-d projection without bias,
+L2 normalisation, bidirectional in-batch softmax at temperature 0.01, parameters sharded with FSDP.
+
+Check that a size fits a pod slice before renting it (compiles on this CPU machine, see `embedjax aot --help`):
+
+    embedjax aot --config configs/sentence_t5.py:xxl --topology v5e-256
+
+Train on a TPU slice (every worker runs the same command, see tpu/README section in the top-level README):
+
+    embedjax train --config configs/sentence_t5.py:base --workdir gs://BUCKET/runs/st5_base \\
+        --config.data.kind=pairs --config.data.path=/data/pairs.jsonl
+
+Result: `:xxl` on v5e-256 compiles to ~6.8 GiB of the 16 GiB HBM per chip (see the README AOT table); the
+training result depends on the pairs you train on (the default data is the shipped SciFact train split, only
+a smoke test).
+
+Variants (comma-separated, big_vision style), e.g. `:xxl`, `:large,v1_1`, `:base,pretrained`, `:tiny`:
+  tiny | base | large | xl | xxl   size. base/large/xl/xxl have exactly the encoder shapes of
+                                   `sentence-transformers/sentence-t5-{base,large,xl,xxl}` (T5 v1.0: ReLU MLP;
+                                   xl = the T5-3B encoder, xxl = the T5-11B encoder); tiny is for tests.
+  v1_1                             T5 v1.1 shapes instead (gated-GELU MLP, e.g. to start from t5-v1_1-* weights).
+  pretrained                       init_from the Hugging Face id (downloads the weights; without it the
+                                   architecture is built from `model_config` and nothing is downloaded).
+"""
+from embedjax.config import base_config
+from embedjax.data.sources import shipped_path
+
+# (d_model, d_ff, num_heads, d_kv, num_layers): the encoders of the published Sentence-T5 checkpoints (T5 v1.0).
+_T5_V1_0 = {
+    "base": (768, 3072, 12, 64, 12),
+    "large": (1024, 4096, 16, 64, 24),
+    "xl": (1024, 16384, 32, 128, 24),
+    "xxl": (1024, 65536, 128, 128, 24),
+}
+# T5 v1.1 (gated GELU, no tied embeddings).
+_T5_V1_1 = {
+    "base": (768, 2048, 12, 64, 12),
+    "large": (1024, 2816, 16, 64, 24),
+    "xl": (2048, 5120, 32, 64, 24),
+    "xxl": (4096, 10240, 64, 64, 24),
+}
+_TINY = (32, 64, 4, 8, 2)
+_SIZES = ("tiny", "base", "large", "xl", "xxl")
+_FLAGS = ("v1_1", "pretrained")
+
+# Global batch, (data, fsdp, tensor) mesh and gradient-cache chunks per size, chosen with `embedjax aot` so the
+# step fits a v5e chip (16 GiB) on a v5e-256 slice; smaller slices: lower batch_size or raise grad_cache_chunks.
+_TRAINING = {
+    "tiny": dict(batch_size=16, mesh=dict(data=1, fsdp=-1, tensor=1), grad_cache_chunks=0),
+    "base": dict(batch_size=512, mesh=dict(data=1, fsdp=-1, tensor=1), grad_cache_chunks=0),
+    "large": dict(batch_size=1024, mesh=dict(data=1, fsdp=-1, tensor=1), grad_cache_chunks=0),
+    "xl": dict(batch_size=2048, mesh=dict(data=1, fsdp=-1, tensor=1), grad_cache_chunks=0),
+    "xxl": dict(batch_size=2048, mesh=dict(data=1, fsdp=-1, tensor=1), grad_cache_chunks=4),
+}
+
+
+def _parse(arg):
+    tokens = [t.strip() for t in (arg or "base").split(",") if t.strip()]
+    sizes = [t for t in tokens if t in _SIZES]
+    unknown = [t for t in tokens if t not in _SIZES and t not in _FLAGS]
+    if unknown or len(sizes) != 1:
+        raise ValueError(f"configs/sentence_t5.py: variant {arg!r}: expected one size of {', '.join(_SIZES)} "
+                         f"plus optional {', '.join(_FLAGS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return sizes[0], "v1_1" in tokens, "pretrained" in tokens
+
+
+def get_config(arg=None):
+    size, v1_1, pretrained = _parse(arg)
+    if size == "tiny":
+        d_model, d_ff, heads, d_kv, layers = _TINY
+    else:
+        d_model, d_ff, heads, d_kv, layers = (_T5_V1_1 if v1_1 else _T5_V1_0)[size]
+    c = base_config()
+    hub_id = f"sentence-transformers/sentence-t5-{size}"
+    if pretrained:
+        if size == "tiny" or v1_1:
+            raise ValueError(f"configs/sentence_t5.py: variant {arg!r}: 'pretrained' needs one of base, large, "
+                             "xl, xxl without v1_1 (the published Sentence-T5 checkpoints)")
+        c.init_from = hub_id
+    else:
+        c.model_config = {
+            "architecture": "t5",
+            "encoder": dict(vocab_size=32128, d_model=d_model, d_ff=d_ff, num_heads=heads, d_kv=d_kv,
+                            num_layers=layers, feed_forward_proj="gated-gelu" if v1_1 else "relu",
+                            dtype="float32" if size == "tiny" else "bfloat16"),
+            "head": dict(pooling="mean", projection_dim=32 if size == "tiny" else 768, projection_bias=False,
+                         normalize=True),
+            "max_length": 256,
+        }
+        # The T5 SentencePiece vocabulary (32k pieces, same for every size); downloaded once at train time.
+        c.tokenizer = "sentence-transformers/sentence-t5-base"
+    c.max_query_length = 128
+    c.max_document_length = 128
+    c.data.kind = "beir"
+    c.data.path = str(shipped_path("scifact"))   # replace with your pairs: data.kind=pairs data.path=FILE
+    c.data.split = "train"
+    t = _TRAINING[size]
+    c.batch_size = t["batch_size"]
+    c.mesh = dict(t["mesh"])
+    c.grad_cache_chunks = t["grad_cache_chunks"]
+    c.num_steps = 20_000
+    c.loss.name = "in_batch_softmax"
+    c.loss.temperature = 0.01
+    c.loss.bidirectional = True
+    c.optim.name = "adafactor"          # as T5: factored second moments keep optimizer state small
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 1_000
+    c.optim.decay = "linear"
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 500
+    c.eval.tasks = (f"beir:{shipped_path('scifact')}:test",)
+    c.eval.every_steps = 2_000
+    if size == "tiny":
+        c.max_query_length = 32
+        c.max_document_length = 64
+        c.num_steps = 4
+        c.optim.warmup_steps = 1
+        c.log_every_steps = 1
+        c.checkpoint_every_steps = 0
+        c.eval.tasks = ()
+        c.export_final = False
+    return c
