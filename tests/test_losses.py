@@ -77,14 +77,16 @@ def np_logsumexp(x):
     return m + np.log(np.sum(np.exp(x - m)))
 
 
-def np_in_batch_softmax(q, d, temperature, hn=None, bidirectional=True, same_tower=False, margin=0.0):
+def np_in_batch_softmax(q, d, temperature, hn=None, bidirectional=True, same_tower=False, margin=0.0,
+                        hn_valid=None):
     q, d = np.float64(q), np.float64(d)
     B = len(q)
     q2d, d2q, correct = [], [], []
     for i in range(B):
         cands = [q[i] @ d[j] for j in range(B)]
         if hn is not None:
-            cands += [q[i] @ np.float64(hn[j, k]) for j in range(B) for k in range(hn.shape[1])]
+            cands += [q[i] @ np.float64(hn[j, k]) for j in range(B) for k in range(hn.shape[1])
+                      if hn_valid is None or hn_valid[j, k]]
         if same_tower:
             cands += [q[i] @ q[j] for j in range(B) if j != i]
         cands = np.array(cands)
@@ -158,6 +160,19 @@ def np_margin_mse(q, pos, neg, tp, tn, scale):
 
 
 # ------------------------------------------------------------------------------------- golden values
+
+
+def test_in_batch_softmax_masks_missing_hard_negatives():
+    """Slots of examples with fewer than K negatives are dropped from every query's candidates."""
+    rng = np.random.default_rng(3)
+    q, d, negs = rand_unit(rng, 5, 4), rand_unit(rng, 5, 4), rand_unit(rng, 5, 3, 4)
+    valid = rng.random((5, 3)) > 0.4
+    loss, _ = call(L.in_batch_softmax, q, d, temperature=0.1, hard_negatives_BxKxD=negs,
+                   hard_negatives_valid_BxK=valid, same_tower=True)
+    ref, _ = np_in_batch_softmax(q, d, 0.1, negs, True, True, 0.0, hn_valid=valid)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    unmasked, _ = call(L.in_batch_softmax, q, d, temperature=0.1, hard_negatives_BxKxD=negs, same_tower=True)
+    assert abs(float(unmasked) - ref) > 1e-3
 
 
 def test_in_batch_softmax_closed_form():

@@ -221,7 +221,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "mine",
         help="mine hard negatives for a BEIR folder's training pairs (writes triplets JSONL)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=(
+            "Embed a BEIR folder's corpus and queries, take the top candidates per query, drop the query's "
+            "positives and, positive-aware (NV-Retriever), every candidate scoring above MARGIN x the "
+            "positive's score; write (query, positive, negatives, scores) triplets as JSON lines that "
+            "embedjax.data.sources.read_pairs reads."
+        ),
     )
     p.add_argument("--model", required=True, help="model folder or hub id (loaded with embedjax.Encoder)")
     p.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")

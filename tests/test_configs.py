@@ -1,0 +1,34 @@
+"""Every config loads, validates, opens its docstring with the command to run it, and builds its objective."""
+from pathlib import Path
+
+import pytest
+
+from embedjax.config import ConfigError, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.py"))
+VARIANTS = {"gtr.py": [None, "tiny", "xxl"], "gecko.py": [None, "tiny"], "sentence_t5.py": ["base", "xxl"]}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads(path):
+    from embedjax.objectives import make_objective
+
+    doc = (path.read_text().split('"""')[1])
+    assert "embedjax train --config configs/" in doc or "embedjax aot" in doc, f"{path}: docstring lacks its command"
+    for variant in VARIANTS.get(path.name, [None]):
+        cfg = load_config(f"{path}:{variant}" if variant else str(path))
+        make_objective(cfg.loss)
+        assert cfg.batch_size > 0
+
+
+def test_overrides_and_errors(tmp_path):
+    cfg = load_config("configs/tiny.py", ["optim.lr=3e-5", "batch_size=8", "loss.matryoshka_dims=(32,16)"])
+    assert cfg.optim.lr == 3e-5 and cfg.batch_size == 8 and tuple(cfg.loss.matryoshka_dims) == (32, 16)
+    with pytest.raises(ConfigError, match="unknown key 'optim.nope'"):
+        load_config("configs/tiny.py", ["optim.nope=1"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "missing.py"))
+    with pytest.raises(ConfigError, match="matryoshka_dims must be decreasing"):
+        load_config("configs/tiny.py", ["loss.matryoshka_dims=(16,32)"])
+    with pytest.raises(ConfigError, match="not divisible by grad_cache_chunks"):
+        load_config("configs/tiny.py", ["grad_cache_chunks=3"])
