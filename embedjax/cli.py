@@ -16,6 +16,7 @@ from pathlib import Path
 _EXTERNAL = {
     "eval": "embedjax.evaluate.cli",
     "mine": "embedjax.data.mining",
+    "export": "embedjax.export.cli",
     "aot": "embedjax.aot",
 }
 
