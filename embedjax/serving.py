@@ -65,8 +65,12 @@ class Client:
 
     # ----------------------------------------------------------------------------------------------- public
     def embed(self, texts: str | Sequence[str | bytes], *, batch_size: int = 128, dim: int | None = None,
-              output: str | None = None, signature: str | None = None) -> np.ndarray:
-        """float32 [N, D]: the `output` (default ``embedding``, or ``embedding_{dim}``) of `signature`."""
+              output: str | None = None, signature: str | None = None,
+              sort_by_length: bool = True) -> np.ndarray:
+        """float32 [N, D]: the `output` (default ``embedding``, or ``embedding_{dim}``) of `signature`.
+
+        Requests carry `batch_size` texts; with `sort_by_length` they group texts of similar length (the server
+        pads a request to the length bucket of its longest text). Rows come back in input order."""
         if isinstance(texts, (str, bytes)):
             texts = [texts]
         texts = list(texts)
@@ -81,9 +85,19 @@ class Client:
             if (sig, key) not in self._dims:
                 self._dims[(sig, key)] = self._pick(self.predict([""], signature=sig), key).shape[1]
             return np.zeros((0, self._dims[(sig, key)]), np.float32)
-        parts = [self._pick(self.predict(texts[s:s + batch_size], signature=sig), key)
-                 for s in range(0, len(texts), batch_size)]
-        out = np.concatenate(parts).astype(np.float32, copy=False)
+        if sort_by_length:
+            order = np.argsort(-np.fromiter((len(t) for t in texts), np.int64, len(texts)), kind="stable")
+        else:
+            order = np.arange(len(texts))
+        out: np.ndarray | None = None
+        for s in range(0, len(texts), batch_size):
+            idx = order[s:s + batch_size]
+            emb = self._pick(self.predict([texts[i] for i in idx], signature=sig), key)
+            if emb.ndim != 2 or emb.shape[0] != len(idx):
+                raise ServingError(f"{self.url}: expected {len(idx)} embeddings, got shape {emb.shape}")
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), np.float32)
+            out[idx] = emb
         self._dims[(sig, key)] = out.shape[1]
         return out
 

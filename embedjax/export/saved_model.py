@@ -31,7 +31,8 @@ What the SavedModel holds:
 
 Bad input: invalid UTF-8 bytes are replaced by U+FFFD (as ``bytes.decode("utf-8", "replace")``) before
 tokenisation; an empty batch returns a [0, D] array; empty and very long strings are embedded (the latter
-truncated); a non-string or non-vector input is rejected by the signature with TF's own InvalidArgument error.
+truncated); a string tensor of another shape (TF Serving does not check shapes) is read row-major as a batch
+(a scalar gives [1, D]); a non-string input is rejected by the signature with TF's InvalidArgument error.
 """
 from __future__ import annotations
 
@@ -159,14 +160,10 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
             return tf.function(run, input_signature=[spec, spec], autograph=False, jit_compile=True)
 
         # -- pieces shared by the signatures
-        def _ids(self, texts: Any) -> Any:
-            check = tf.debugging.assert_equal(
-                tf.rank(texts), 1, message=f"input '{INPUT_NAME}' must be a vector of strings, shape [batch]")
-            with tf.control_dependencies([check]):
-                texts = tf.identity(texts)
-            texts = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace",
-                                                 replacement_char=0xFFFD)
-            return self.tokenizer.tokenize(texts)              # [B, (L)] int32, special tokens, truncated
+        def _clean(self, texts: Any) -> Any:
+            texts = tf.reshape(texts, [-1])  # TF Serving does not check shapes: any shape is read row-major
+            return tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace",
+                                                replacement_char=0xFFFD)
 
         def _bucket_index(self, ids: Any) -> Any:
             longest = tf.maximum(tf.reduce_max(ids.row_lengths()), 1)
@@ -174,7 +171,7 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
             return tf.cast(tf.minimum(idx, len(self.buckets) - 1), tf.int32)
 
         def embed(self, texts: Any, tower: str, prompt: RolePrompt, role: str) -> dict[str, Any]:
-            ids = self._ids(_format_tf(prompt, role, texts))
+            ids = self.tokenizer.tokenize(_format_tf(prompt, role, self._clean(texts)))  # [B, (L)] truncated
             lengths = ids.row_lengths()
             tower_key = tower if not cfg.shared_towers else "query"
 
@@ -188,7 +185,7 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
             def nonempty():
                 return tf.switch_case(self._bucket_index(ids), [branch(b) for b in self.buckets])
 
-            emb = tf.cond(tf.size(texts) > 0, nonempty, lambda: tf.zeros([0, dim], tf.float32))
+            emb = tf.cond(tf.size(ids.row_lengths()) > 0, nonempty, lambda: tf.zeros([0, dim], tf.float32))
             emb = tf.ensure_shape(tf.cast(emb, tf.float32), [None, dim])
             full = _l2_normalize(emb) if normalize else emb
             out = {OUTPUT_NAME: full}
@@ -198,7 +195,7 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
             return out
 
         def tokenize_padded(self, texts: Any) -> dict[str, Any]:
-            ids = self._ids(texts)
+            ids = self.tokenizer.tokenize(self._clean(texts))
             length = tf.gather(tf.constant(self.buckets, tf.int64), self._bucket_index(ids))
             dense = ids.to_tensor(default_value=pad_id)
             dense = tf.pad(dense, [[0, 0], [0, length - tf.cast(tf.shape(dense)[1], tf.int64)]],
@@ -466,6 +463,7 @@ class SavedModelEncoder:
 
     def __init__(self, path: str | os.PathLike):
         import tensorflow as tf
+        import tensorflow_text  # noqa: F401 - registers the tokenizer ops the graph uses
 
         self.path = Path(path)
         if not (self.path / "saved_model.pb").is_file():
@@ -485,20 +483,34 @@ class SavedModelEncoder:
         return {k: v.numpy() for k, v in out.items()}
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 128, signature: str = "serving_default",
-               output: str = OUTPUT_NAME, show_progress: bool | None = None) -> np.ndarray:
-        """float32 [N, D]: `texts` in batches of `batch_size` through `signature`'s `output`."""
+               output: str = OUTPUT_NAME, sort_by_length: bool = True,
+               show_progress: bool | None = None) -> np.ndarray:
+        """float32 [N, D]: `texts` in batches of `batch_size` through `signature`'s `output`.
+
+        With `sort_by_length`, batches are formed from texts of similar length (longest first, by characters)
+        so fewer are padded to a long bucket; the result is in input order either way."""
         from tqdm.auto import tqdm
 
         texts = list(texts)
-        parts = []
+        if not texts:
+            return self(texts, signature)[output]
+        order = length_order(texts) if sort_by_length else np.arange(len(texts))
+        out: np.ndarray | None = None
         starts = range(0, len(texts), batch_size)
         show = len(texts) >= 1024 if show_progress is None else show_progress
         for s in tqdm(starts, desc="saved_model", unit="batch", disable=not show):
-            parts.append(self(texts[s:s + batch_size], signature)[output])
-        if not parts:
-            return self(texts, signature)[output]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+            idx = order[s:s + batch_size]
+            emb = self([texts[i] for i in idx], signature)[output]
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), np.float32)
+            out[idx] = emb
+        return out
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         out = self(texts, "tokenize")
         return out["input_ids"], out["attention_mask"]
+
+
+def length_order(texts: Sequence[str | bytes]) -> np.ndarray:
+    """Indices of `texts`, longest first (a cheap proxy for token length used to form batches)."""
+    return np.argsort(-np.fromiter((len(t) for t in texts), np.int64, len(texts)), kind="stable")
