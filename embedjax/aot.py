@@ -346,19 +346,36 @@ class AotReport:
     compile_seconds: float | None = None
     libtpu_error: str | None = None
     flops_per_device: float | None = None
+    compiler_oom: str | None = None       # the compiler's RESOURCE_EXHAUSTED message (the step does not fit)
+    oom_required_bytes: int | None = None  # what that message says the temporaries need
 
     @property
     def peak_bytes(self) -> int:
-        return self.compiled["total"] if self.compiled else self.estimate["total"]
+        if self.compiled:
+            return self.compiled["total"]
+        if self.oom_required_bytes is not None:
+            return self.oom_required_bytes + self.estimate["params"] + self.estimate["opt_state"]
+        return self.estimate["total"]
 
     @property
     def fits(self) -> bool | None:
+        if self.compiler_oom:
+            return False
         return None if self.hbm_bytes is None else self.peak_bytes <= self.hbm_bytes
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(peak_bytes=self.peak_bytes, fits=self.fits)
         return d
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
+
+
+def parse_oom_bytes(message: str) -> int | None:
+    """Bytes from XLA's 'memory required for HLO temporaries (201.53G) exceeds available HBM (15.75G)'."""
+    m = re.search(r"required for [^(]*\(([\d.]+)([KMGT]?)\)", message)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
 
 
 def compiled_memory(compiled) -> dict[str, int]:
@@ -438,7 +455,17 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
     t0 = time.time()
     with jax.set_mesh(mesh):
         lowered = step.lower(state, batch)
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            msg = str(e).strip().splitlines()[0]
+            if "RESOURCE_EXHAUSTED" not in msg:
+                raise
+            report.compile_seconds = time.time() - t0
+            report.method = "compiled"
+            report.compiler_oom = msg
+            report.oom_required_bytes = parse_oom_bytes(msg)
+            return report
     report.compile_seconds = time.time() - t0
     report.method = "compiled"
     report.compiled = compiled_memory(compiled)
@@ -454,7 +481,9 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
 # --------------------------------------------------------------------------------------------- printing
 
 def _gib(n: int | float | None) -> str:
-    return "n/a" if n is None else f"{n / GiB:8.3f} GiB"
+    if n is None:
+        return "n/a"
+    return f"{n / GiB:8.3f} GiB" if n >= GiB / 4 else f"{n / 1024 ** 2:8.2f} MiB"
 
 
 def format_report(r: AotReport) -> str:
@@ -471,7 +500,9 @@ def format_report(r: AotReport) -> str:
         for k in ("arguments", "outputs", "aliased", "temporaries", "code", "total"):
             lines.append(f"    {k:<12} {_gib(r.compiled[k])}")
         if r.flops_per_device:
-            lines.append(f"    flops/step   {r.flops_per_device / 1e12:8.2f} TFLOP per device")
+            lines.append(f"    flops/step   {r.flops_per_device / 1e9:8.1f} GFLOP per device")
+    if r.compiler_oom:
+        lines.append(f"  the compiler ran out of memory for {r.target} ({r.compile_seconds:.1f}s): {r.compiler_oom}")
     if r.hbm_bytes is None:
         lines.append(f"  peak {_gib(r.peak_bytes).strip()} per device ({r.method}); no HBM size for this target "
                      "(pass --hbm-gib)")

@@ -69,8 +69,8 @@ class Client:
               sort_by_length: bool = True) -> np.ndarray:
         """float32 [N, D]: the `output` (default ``embedding``, or ``embedding_{dim}``) of `signature`.
 
-        Requests carry `batch_size` texts; with `sort_by_length` they group texts of similar length (the server
-        pads a request to the length bucket of its longest text). Rows come back in input order."""
+        Requests carry `batch_size` texts; with `sort_by_length` they group texts of similar length (the
+        server pads a request to the length bucket of its longest text). Rows come back in input order."""
         if isinstance(texts, (str, bytes)):
             texts = [texts]
         texts = list(texts)

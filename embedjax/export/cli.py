@@ -1,8 +1,8 @@
-"""`embedjax export`: a TF Serving SavedModel (default) or a sentence-transformers folder, from a training workdir
-or a model folder.
+"""`embedjax export`: a TF Serving SavedModel (default) or a sentence-transformers folder, from a training
+workdir or a model folder.
 
     embedjax export --workdir /runs/tiny --output /models/tiny/1
-    embedjax export --model sentence-transformers/all-MiniLM-L6-v2 --output /models/minilm/1 --platforms cpu,cuda
+    embedjax export --model all-MiniLM-L6-v2/ --output /models/minilm/1 --platforms cpu,cuda
     embedjax export --workdir /runs/tiny --output /models/tiny-st --format sentence-transformers
 """
 from __future__ import annotations
@@ -21,23 +21,26 @@ def _int_list(s: str) -> tuple[int, ...]:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help="write a TF Serving SavedModel or a sentence-transformers folder",
-        description="Export a trained workdir (latest checkpoint, or --step) or a model folder as a TF Serving "
-                    "SavedModel (strings in, embeddings out; tokenizer in the graph) or a sentence-transformers "
-                    "folder.")
+        description="Export a trained workdir (latest checkpoint, or --step) or a model folder as a TF "
+                    "Serving SavedModel (strings in, embeddings out; tokenizer in the graph) or a "
+                    "sentence-transformers folder.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training workdir (config.json + checkpoints/ or final/)")
     src.add_argument("--model", help="sentence-transformers / Hugging Face model folder or hub id")
     p.add_argument("--output", required=True,
-                   help="SavedModel: BASE/VERSION (TF Serving loads numeric versions, e.g. /models/minilm/1); "
+                   help="SavedModel: BASE/VERSION (TF Serving loads numeric versions: /models/minilm/1); "
                         "sentence-transformers: a folder")
     p.add_argument("--format", choices=("saved_model", "sentence-transformers"), default="saved_model")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: latest)")
     p.add_argument("--platforms", default="cpu",
-                   help="comma-separated jax2tf native-serialization platforms: cpu, cuda, rocm, tpu (default cpu)")
+                   help="comma-separated jax2tf native-serialization platforms: cpu, cuda, rocm, tpu "
+                        "(default cpu)")
     p.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's)")
     p.add_argument("--matryoshka-dims", type=_int_list, default=None,
-                   help="extra outputs embedding_{d}, e.g. 256,128 (default: the workdir's loss.matryoshka_dims)")
-    p.add_argument("--query-prompt", default=None, help="prefix of the 'query' signature (default: the model's)")
+                   help="extra outputs embedding_{d}, e.g. 256,128 (default: the workdir's "
+                        "loss.matryoshka_dims)")
+    p.add_argument("--query-prompt", default=None,
+                   help="prefix of the 'query' signature (default: the model's)")
     p.add_argument("--document-prompt", default=None,
                    help="prefix of the 'document' signature (default: the model's)")
     p.add_argument("--tokenizer-dir", default=None,
@@ -51,6 +54,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def _require(*modules: str) -> None:
+    import importlib
+
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError as e:
+            from embedjax.cli import CLIError
+            raise CLIError(f"'embedjax export' needs {e.name or m}; install the extra: "
+                           "pip install 'embedjax[export]'") from None
+
+
 def run(args: argparse.Namespace) -> int:
     source = args.workdir or args.model
     if args.workdir and not Path(args.workdir).is_dir():
@@ -62,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote sentence-transformers folder {out}")
         return 0
 
+    _require("tensorflow", "tensorflow_text", "tensorflow_serving")
     from embedjax.export.saved_model import FROM_MODEL, export_saved_model
 
     out = export_saved_model(
@@ -79,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
           f"{', '.join(meta['outputs'])} (dim {meta['embedding_dim']}); {meta['warmup']['records']} warmup "
           f"requests; length buckets {meta['length_buckets']}")
     name = args.model_name
-    print("serve it with TF Serving (tensorflow/serving image of the TensorFlow release used here):\n"
+    tf_version = meta["versions"]["tensorflow"]  # the serving image should match the TF (and TF Text) used here
+    print("serve it with TF Serving:\n"
           f"  docker run --rm -p 8500:8500 -p 8501:8501 -v {base}:/models/{name} -e MODEL_NAME={name} "
-          f"tensorflow/serving:<version> --xla_cpu_compilation_enabled=true --enable_batching "
+          f"tensorflow/serving:{tf_version} --xla_cpu_compilation_enabled=true --enable_batching "
           f"--batching_parameters_file=/models/{name}/{out.name}/assets.extra/batching_parameters.txt")
     return 0

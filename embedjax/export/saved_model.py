@@ -11,23 +11,25 @@ What the SavedModel holds:
   tensorflow_text for BERT-family models, SentencePiece for T5), i.e. the ids training used; at export the
   in-graph ids are checked against the model's Hugging Face tokenizer on probe texts.
 * **The model through jax2tf with native serialization** (StableHLO in an ``XlaCallModule`` op) for each
-  platform of `platforms` ("cpu", "cuda", "rocm", "tpu"); TF Serving needs ``--xla_cpu_compilation_enabled=true``
-  to run it on CPU.
+  platform of `platforms` ("cpu", "cuda", "rocm", "tpu"); TF Serving needs
+  ``--xla_cpu_compilation_enabled=true`` to run it on CPU.
 * **Polymorphic batch, bucketed length**: texts are truncated to the model's maximum length and the batch is
   padded to the smallest of `embedjax.tokenize.bucket_lengths(max_length)` holding its longest text; a
-  ``tf.switch_case`` picks one converted function per bucket (static length, symbolic batch ``b``). Why not one
-  symbolic length dimension: the T5 encoder computes its relative-position buckets in numpy from the static
-  length (`embedjax.models.t5.relative_position_buckets`), which cannot trace a symbolic length; per-bucket
-  functions work for every architecture, and XLA compiles once per concrete (batch, length) shape either way,
-  so the buckets bound the number of compilations just the same.
+  ``tf.switch_case`` picks one converted function per bucket (static length, symbolic batch ``b``). Why not
+  one symbolic length dimension: the T5 encoder computes its relative-position buckets in numpy from the
+  static length (`embedjax.models.t5.relative_position_buckets`), which cannot trace a symbolic length;
+  per-bucket functions work for every architecture, and XLA compiles once per concrete (batch, length) shape
+  either way, so the buckets bound the number of compilations just the same.
 * **Signatures** (input ``text``: ``tf.string [-1]``):
   ``serving_default`` -> ``embedding`` float32 [B, D] (L2-normalised when the model is) and ``embedding_{d}``
   for each Matryoshka dim d (first d components, re-normalised when the model normalises; as
-  ``Encoder.encode(dim=d)``); ``query`` / ``document`` (same outputs, with the role's prompt and tower) when the
-  model has prompts or separate towers; ``tokenize`` -> ``input_ids`` / ``attention_mask`` int32 [B, bucket].
-* ``assets.extra/tf_serving_warmup_requests``: PredictionLog records (one per signature x length bucket x batch
-  size) that make TF Serving compile every shape before it takes traffic; ``assets.extra/batching_parameters.txt``:
-  an example for ``--enable_batching``; ``assets.extra/embedjax_export.json``: what was exported.
+  ``Encoder.encode(dim=d)``); ``query`` / ``document`` (same outputs, with the role's prompt and tower) when
+  the model has prompts or separate towers; ``tokenize`` -> ``input_ids`` / ``attention_mask`` int32
+  [B, bucket].
+* ``assets.extra/tf_serving_warmup_requests``: PredictionLog records (one per signature x length bucket x
+  batch size) that make TF Serving compile every shape before it takes traffic;
+  ``assets.extra/batching_parameters.txt``: an example for ``--enable_batching``;
+  ``assets.extra/embedjax_export.json``: what was exported.
 
 Bad input: invalid UTF-8 bytes are replaced by U+FFFD (as ``bytes.decode("utf-8", "replace")``) before
 tokenisation; an empty batch returns a [0, D] array; empty and very long strings are embedded (the latter
@@ -90,8 +92,8 @@ class BatchingParameters:
         lines = [
             "# TF Serving batching parameters (text proto of tensorflow.serving.BatchingParameters), for",
             "#   tensorflow_model_server --enable_batching --batching_parameters_file=<this file>",
-            "# Every batch is padded up to one of allowed_batch_sizes; the SavedModel's warmup requests compile",
-            "# exactly these sizes. Tune num_batch_threads to the serving machine's cores.",
+            "# Every batch is padded up to one of allowed_batch_sizes; the SavedModel's warmup requests",
+            "# compile exactly these sizes. Tune num_batch_threads to the serving machine's cores.",
             f"max_batch_size {{ value: {self.max_batch_size} }}",
             f"batch_timeout_micros {{ value: {self.batch_timeout_micros} }}",
             f"max_enqueued_batches {{ value: {self.max_enqueued_batches} }}",
@@ -149,7 +151,8 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
                 for length in buckets:
                     conv = jax2tf.convert(functools.partial(apply, tower=tower),
                                           polymorphic_shapes=[None, f"(b, {length})", f"(b, {length})"],
-                                          with_gradient=False, native_serialization_platforms=tuple(platforms))
+                                          with_gradient=False,
+                                          native_serialization_platforms=tuple(platforms))
                     self.model_fns[f"{tower}_{length}"] = self._model_fn(conv, length)
 
         def _model_fn(self, conv: Callable, length: int) -> Any:
@@ -167,7 +170,8 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
 
         def _bucket_index(self, ids: Any) -> Any:
             longest = tf.maximum(tf.reduce_max(ids.row_lengths()), 1)
-            idx = tf.searchsorted(tf.constant(self.buckets, tf.int64), tf.reshape(longest, [1]), side="left")[0]
+            buckets_t = tf.constant(self.buckets, tf.int64)
+            idx = tf.searchsorted(buckets_t, tf.reshape(longest, [1]), side="left")[0]
             return tf.cast(tf.minimum(idx, len(self.buckets) - 1), tf.int32)
 
         def embed(self, texts: Any, tower: str, prompt: RolePrompt, role: str) -> dict[str, Any]:
@@ -247,19 +251,19 @@ def _tf_tokenizer(src: ExportSource, max_length: int, tokenizer_dir: str | os.Pa
     except (TokenizerMismatchError, NotImplementedError, FileNotFoundError) as e:
         hint = ""
         if "Unigram" in str(e) or "spiece" in str(e):
-            hint = (" (a SentencePiece model needs its spiece.model file: pass tokenizer_dir= / --tokenizer-dir "
-                    "with the folder holding it)")
+            hint = (" (a SentencePiece model needs its spiece.model file: pass tokenizer_dir= / "
+                    "--tokenizer-dir with the folder holding it)")
         raise ExportError(f"cannot build the in-graph tokenizer from {tdir}: {e}{hint}") from e
     if tok.spec.vocab_size > src.config.encoder.vocab_size:
-        raise ExportError(f"{tdir}: tokenizer has {tok.spec.vocab_size} tokens but the model's vocabulary has "
-                          f"{src.config.encoder.vocab_size}: they do not belong together")
+        raise ExportError(f"{tdir}: tokenizer has {tok.spec.vocab_size} tokens but the model's vocabulary "
+                          f"has {src.config.encoder.vocab_size}: they do not belong together")
     want = src.tokenizer(list(PROBE_TEXTS), add_special_tokens=True, truncation=True,
                          max_length=max_length)["input_ids"]
     got = tok.tokenize(np.array(PROBE_TEXTS, dtype=object)).to_list()
     for text, a, b in zip(PROBE_TEXTS, want, got):
         if list(a) != list(b):
-            raise ExportError(f"{tdir}: the in-graph tokenizer disagrees with the model's tokenizer on {text!r}: "
-                              f"{list(a)[:10]}... vs {list(b)[:10]}...")
+            raise ExportError(f"{tdir}: the in-graph tokenizer disagrees with the model's tokenizer on "
+                              f"{text!r}: {list(a)[:10]}... vs {list(b)[:10]}...")
     return tok
 
 
@@ -271,7 +275,8 @@ def warmup_texts(tokenizer: Any, max_length: int, prompt: RolePrompt = None, rol
 
     def count(n: int) -> int:
         text = format_text(prompt, role, " ".join([word] * n))
-        return len(tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"])
+        enc = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length)
+        return len(enc["input_ids"])
 
     out: dict[int, str] = {}
     prev = 0
@@ -301,7 +306,8 @@ def write_warmup(path: Path, requests: Iterable[tuple[str, list[str]]], model_na
         for signature, texts in requests:
             req = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model_name,
                                                                             signature_name=signature))
-            req.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(np.array(texts, dtype=object), dtype=tf.string))
+            tensor = tf.make_tensor_proto(np.array(texts, dtype=object), dtype=tf.string)
+            req.inputs[INPUT_NAME].CopyFrom(tensor)
             rec = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=req))
             w.write(rec.SerializeToString())
             n += 1
@@ -324,7 +330,8 @@ def _check_platforms(platforms: Sequence[str] | str) -> tuple[str, ...]:
 def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         if not overwrite:
-            raise ExportError(f"{output_dir}: already exists and is not empty (pass overwrite=True / --overwrite)")
+            raise ExportError(f"{output_dir}: already exists and is not empty "
+                              "(pass overwrite=True / --overwrite)")
     if not output_dir.name.isdigit():
         log.warning("%s: TF Serving only loads numeric version folders (BASE/1, BASE/2, ...); export to "
                     "%s/1 to serve it with --model_base_path=%s", output_dir, output_dir, output_dir)
@@ -336,8 +343,9 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def export_saved_model(model: Any, output_dir: str | os.PathLike, *, platforms: Sequence[str] | str = ("cpu",),
-                       max_length: int | None = None, matryoshka_dims: Sequence[int] | None = None,
+def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
+                       platforms: Sequence[str] | str = ("cpu",), max_length: int | None = None,
+                       matryoshka_dims: Sequence[int] | None = None,
                        query_prompt: RolePrompt = FROM_MODEL, document_prompt: RolePrompt = FROM_MODEL,
                        role_signatures: bool | None = None, tokenizer_dir: str | os.PathLike | None = None,
                        step: int | None = None, warmup_batch_sizes: Sequence[int] | None = None,
@@ -351,7 +359,7 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *, platforms: 
     sentence-transformers prompts "query" and "document" / "passage", or a workdir's training prompts).
     `role_signatures` forces the ``query`` / ``document`` signatures on or off (default: when the model has
     prompts or separate towers). `warmup_batch_sizes` defaults to ``batching.allowed_batch_sizes``.
-    The folder appears atomically (written beside it, then renamed), so a polling server never sees half of it.
+    The folder appears atomically (written beside it, then renamed): a polling server never sees half of it.
     """
     import jax
     import tensorflow as tf
@@ -375,7 +383,9 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *, platforms: 
     dims = tuple(sorted(set(dims), reverse=True))
     qp = src.query_prompt if query_prompt is FROM_MODEL else query_prompt
     dp = src.document_prompt if document_prompt is FROM_MODEL else document_prompt
-    with_roles = (bool(qp) or bool(dp) or not cfg.shared_towers) if role_signatures is None else role_signatures
+    with_roles = bool(qp) or bool(dp) or not cfg.shared_towers
+    if role_signatures is not None:
+        with_roles = bool(role_signatures)
     roles: dict[str, tuple[str, RolePrompt]] = {"serving_default": ("query", None)}
     if with_roles:
         roles["query"] = ("query", qp or None)
@@ -405,7 +415,8 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *, platforms: 
             for _, text in sorted(texts.items()):
                 requests += [(name, [text] * s) for s in warm_sizes]
         if len(requests) > MAX_WARMUP_RECORDS:
-            log.warning("%d warmup requests; TF Serving reads only the first %d", len(requests), MAX_WARMUP_RECORDS)
+            log.warning("%d warmup requests; TF Serving reads only the first %d", len(requests),
+                        MAX_WARMUP_RECORDS)
         n_warm = write_warmup(extra / WARMUP_FILE, requests, model_name)
         (extra / BATCHING_FILE).write_text(batching.to_text_proto(), encoding="utf-8")
         meta = {
@@ -421,9 +432,11 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *, platforms: 
                                   "prompt": _describe_prompt(p, role)} for name, (role, p) in roles.items()},
             "tokenizer": {"kind": tokenizer.spec.kind, "file": Path(tokenizer.spec.vocab_file).name,
                           "pad_id": tokenizer.spec.pad_id},
-            "warmup": {"file": f"assets.extra/{WARMUP_FILE}", "records": n_warm, "batch_sizes": list(warm_sizes)},
+            "warmup": {"file": f"assets.extra/{WARMUP_FILE}", "records": n_warm,
+                       "batch_sizes": list(warm_sizes)},
             "batching_parameters_file": f"assets.extra/{BATCHING_FILE}",
-            "versions": {"jax": jax.__version__, "tensorflow": tf.__version__, "embedjax": _embedjax_version()},
+            "versions": {"jax": jax.__version__, "tensorflow": tf.__version__,
+                         "embedjax": _embedjax_version()},
         }
         (extra / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if output_dir.exists():
@@ -463,7 +476,7 @@ class SavedModelEncoder:
 
     def __init__(self, path: str | os.PathLike):
         import tensorflow as tf
-        import tensorflow_text  # noqa: F401 - registers the tokenizer ops the graph uses
+        import tensorflow_text  # noqa: F401  (registers the tokenizer ops the graph uses)
 
         self.path = Path(path)
         if not (self.path / "saved_model.pb").is_file():
@@ -477,7 +490,8 @@ class SavedModelEncoder:
     def signatures(self) -> list[str]:
         return list(self.model.signatures.keys())
 
-    def __call__(self, texts: Sequence[str | bytes], signature: str = "serving_default") -> dict[str, np.ndarray]:
+    def __call__(self, texts: Sequence[str | bytes],
+                 signature: str = "serving_default") -> dict[str, np.ndarray]:
         fn = self.model.signatures[signature]
         out = fn(**{INPUT_NAME: self._tf.constant(list(texts), dtype=self._tf.string, shape=[len(texts)])})
         return {k: v.numpy() for k, v in out.items()}

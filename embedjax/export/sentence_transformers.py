@@ -1,12 +1,13 @@
-"""Write a sentence-transformers folder from a training workdir (a checkpoint or ``final/``), a model folder or an
-`Encoder`: the format `SentenceTransformer(path)` and `Encoder.load(path)` read.
+"""Write a sentence-transformers folder from a training workdir (a checkpoint or ``final/``), a model folder
+or an `Encoder`: the format `SentenceTransformer(path)` and `Encoder.load(path)` read.
 
     export_sentence_transformers("/runs/tiny", "/models/tiny-st")             # latest checkpoint
     export_sentence_transformers("/runs/tiny", "/models/tiny-st-500", step=500)
 
 Training prompts that are plain prefixes ("query: " / "passage: ") become the folder's ``prompts``
-(``config_sentence_transformers.json``); templates with other fields cannot be expressed there and are left out
-(with a warning). A SentencePiece tokenizer's ``spiece.model`` is copied along when the tokenizer folder has it.
+(``config_sentence_transformers.json``); templates with other fields cannot be expressed there and are left
+out (with a warning). A SentencePiece tokenizer's ``spiece.model`` is copied along when the tokenizer folder
+has it.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def export_sentence_transformers(model: Any, output_dir: str | os.PathLike, *, s
     src = load_source(model, step=step)
     if not src.config.shared_towers:
         raise ExportError(f"{src.name}: a model with separate query / document towers has no single "
-                          "sentence-transformers form; export it as a SavedModel (query / document signatures)")
+                          "sentence-transformers form; export it as a SavedModel (query / document "
+                          "signatures)")
     prompts = dict(src.st_prompts)
     for role, key in (("query", "query"), ("document", "document")):
         prefix = _as_prefix(src.query_prompt if role == "query" else src.document_prompt, role)

@@ -22,8 +22,8 @@ from embedjax.models.dual_encoder import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# A role's prompt: a plain prefix (sentence-transformers / `Encoder.encode(prompt=...)` semantics: prefix + text),
-# or a `Prompt` whose template is applied as in training (`Prompt.format_query` / `format_document`).
+# A role's prompt: a plain prefix (sentence-transformers / `Encoder.encode(prompt=...)` semantics: prefix +
+# text), or a `Prompt` whose template is applied as in training (`Prompt.format_query` / `format_document`).
 RolePrompt = Union[str, Prompt, None]
 
 
@@ -38,12 +38,12 @@ class ExportSource:
     config: ModelConfig
     params: dict                           # DualEncoder params tree (numpy or jax arrays)
     tokenizer: Any                         # the Hugging Face fast tokenizer
-    tokenizer_dir: Path | None             # folder with the tokenizer files (vocab / spiece.model), if on disk
+    tokenizer_dir: Path | None             # folder with the tokenizer files (vocab / spiece.model)
     query_prompt: RolePrompt = None
     document_prompt: RolePrompt = None
     matryoshka_dims: tuple[int, ...] = ()
     name: str = ""
-    st_prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # config_sentence_transformers prompts
+    st_prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # sentence-transformers prompts
     hf_config: dict | None = None
     step: int | None = None                # checkpoint step, when read from one
 
@@ -76,7 +76,8 @@ def is_workdir(path: str | os.PathLike) -> bool:
     return isinstance(cfg, dict) and ("model_config" in cfg or "init_from" in cfg)
 
 
-def load_source(path_or_encoder: Any, *, step: int | None = None, use_final: bool | None = None) -> ExportSource:
+def load_source(path_or_encoder: Any, *, step: int | None = None,
+                use_final: bool | None = None) -> ExportSource:
     """An `ExportSource` from an `Encoder`, a model folder / hub id, or a training workdir.
 
     Workdir: the latest checkpoint (or `step`) when ``checkpoints/`` holds one, else ``final/``;
@@ -205,7 +206,8 @@ def _from_workdir(workdir: Path, *, step: int | None, use_final: bool | None) ->
                         name=f"{workdir}@{step}", step=step)
 
 
-def restore_params(workdir: Path, cfg: Any, step: int | None = None) -> tuple[ModelConfig, dict, Any, Path, int]:
+def restore_params(workdir: Path, cfg: Any,
+                   step: int | None = None) -> tuple[ModelConfig, dict, Any, Path, int]:
     """(model config, model params as numpy, tokenizer, tokenizer folder, step) from a workdir checkpoint.
 
     The abstract train state is rebuilt the trainer's way (`create_train_state` under `jax.eval_shape`, so
