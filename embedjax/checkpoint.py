@@ -37,15 +37,17 @@ class Checkpointer:
             args["data"] = ocp.args.JsonSave({"per_process": allgather_json(data_state)})
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict | None, int]:
-        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    def restore(self, abstract_state: Any, step: int | None = None, *, with_data: bool = True
+                ) -> tuple[Any, dict | None, int]:
+        """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs with .sharding).
+        `with_data=False` skips the data-iterator state (export, evaluation, another process count)."""
         ocp = self._ocp
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint")
         items = set(self.manager.item_metadata(step).keys()) if hasattr(self.manager, "item_metadata") else {"state"}
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if "data" in items:
+        if "data" in items and with_data:
             args["data"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**args))
         data = None

@@ -27,34 +27,15 @@ def test_tiny_config_trains_and_loss_falls(tmp_path):
     assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "tensorboard").is_dir()
 
 
-def _spm_tokenizer_dir(tmp_path):
-    """A SentencePiece vocabulary trained with the sentencepiece library on the shipped SciFact text,
-    saved as a T5 tokenizer folder."""
-    spm = pytest.importorskip("sentencepiece")
-    from transformers import T5TokenizerFast
-
-    lines = []
-    for line in open(shipped_path("scifact", "corpus.jsonl"), encoding="utf-8"):
-        lines.append(json.loads(line)["title"])
-    for line in open(shipped_path("scifact", "queries.jsonl"), encoding="utf-8"):
-        lines.append(json.loads(line)["text"])
-    corpus = tmp_path / "spm_corpus.txt"
-    corpus.write_text("\n".join(lines), encoding="utf-8")
-    prefix = tmp_path / "spiece"
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=1000, pad_id=0,
-                                   eos_id=1, unk_id=2, bos_id=-1, model_type="unigram", minloglevel=2)
-    out = tmp_path / "tok"
-    T5TokenizerFast(vocab_file=str(prefix) + ".model").save_pretrained(str(out))
-    return out
-
-
 @pytest.mark.slow
 def test_tiny_sentence_t5_from_scratch(tmp_path):
     """T5 encoder + mean pooling + projection + normalisation, SentencePiece vocab trained here, in-batch softmax
     over a global batch of 32 on 8 fake devices: loss falls and accuracy rises well above chance (1/32)."""
     from embedjax.trainer import train_and_evaluate
 
-    tok = _spm_tokenizer_dir(tmp_path)
+    from _spm import make_spm_tokenizer_dir
+
+    tok = make_spm_tokenizer_dir(tmp_path)
     cfg = load_config("configs/tiny.py", [
         "num_steps=60", "batch_size=32", "log_every_steps=1", "optim.lr=3e-3", "optim.warmup_steps=5",
         "max_query_length=32", "max_document_length=48", f"tokenizer='{tok}'"])

@@ -236,7 +236,7 @@ def restore_params(workdir: Path, cfg: Any,
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
         try:
-            state, _, step = ckpt.restore(abstract, step=step)
+            state, _, step = ckpt.restore(abstract, step=step, with_data=False)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise ExportError(f"{workdir / 'checkpoints'}: cannot restore step {step} "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

@@ -351,6 +351,11 @@ def save_sentence_transformers(path: str | os.PathLike, cfg: ModelConfig, params
     _write_json(out / "config.json", hf)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        # a SentencePiece model file (T5) is not always re-written by fast tokenizers: copy it along
+        vf = getattr(tokenizer, "vocab_file", None)
+        if vf and Path(vf).is_file() and Path(vf).suffix == ".model" and not (out / Path(vf).name).exists():
+            import shutil
+            shutil.copy(vf, out / Path(vf).name)
     _write_json(out / "sentence_bert_config.json", {"max_seq_length": cfg.max_length, "do_lower_case": False})
     dim = cfg.encoder.hidden_dim
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]

@@ -1,8 +1,6 @@
 """Shared exports for the serving tests: one MiniLM SavedModel and one tiny-BERT SavedModel per session, and
 (for the slow tests) a tiny Sentence-T5 workdir trained a few steps with a SentencePiece vocabulary trained
 here."""
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,27 +63,9 @@ def stsb_minilm_saved_model(minilm_sm, stsb_test_sentences) -> np.ndarray:
 
 
 def spm_tokenizer_dir(tmp_path: Path) -> Path:
-    """A SentencePiece vocabulary (1000 pieces) trained with the sentencepiece library on the shipped SciFact
-    titles and queries, as a T5 tokenizer folder holding spiece.model (which the in-graph tokenizer reads) and
-    the tokenizer.json transformers derives from it."""
-    spm = pytest.importorskip("sentencepiece")
-    from transformers import T5TokenizerFast
+    from _spm import make_spm_tokenizer_dir
 
-    from embedjax.data.sources import shipped_path
-
-    lines = [json.loads(l)["title"] for l in open(shipped_path("scifact", "corpus.jsonl"), encoding="utf-8")]
-    lines += [json.loads(l)["text"] for l in open(shipped_path("scifact", "queries.jsonl"), encoding="utf-8")]
-    corpus = tmp_path / "spm_corpus.txt"
-    corpus.write_text("\n".join(lines), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spiece"),
-                                   vocab_size=1000, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   model_type="unigram", minloglevel=2)
-    out = tmp_path / "tok"
-    out.mkdir()
-    shutil.copy(tmp_path / "spiece.model", out / "spiece.model")
-    # transformers 5: T5TokenizerFast(vocab_file=...) ignores the file; from_pretrained converts spiece.model.
-    T5TokenizerFast.from_pretrained(str(out), extra_ids=0).save_pretrained(str(out))
-    return out
+    return make_spm_tokenizer_dir(tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,13 @@ def test_round_trip_sentence_t5_layout(tmp_path, minilm_dir):
     from embedjax.models.dual_encoder import HeadConfig, ModelConfig, init_params
     from embedjax.models.t5 import T5Config
 
-    spm = _train_sentencepiece(tmp_path)
-    tok = T5TokenizerFast(vocab_file=str(spm))
+    from _spm import make_spm_tokenizer_dir
+
+    tdir = make_spm_tokenizer_dir(tmp_path, vocab_size=48, lines=[
+        "the quick brown fox jumps over the lazy dog", "a tiny sentence t5 model", "hello world",
+        "padding matters here, a longer sentence than the rest", "embeddings for retrieval and similarity"] * 20)
+    tok = T5TokenizerFast.from_pretrained(str(tdir))
+    assert tok("hello world")["input_ids"][:-1] != [tok.unk_token_id] * (len(tok("hello world")["input_ids"]) - 1)
     cfg = ModelConfig("t5", T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                      feed_forward_proj="gated-gelu"),
                       HeadConfig(pooling="mean", projection_dim=16, projection_bias=False, normalize=True),
@@ -43,20 +48,6 @@ def test_round_trip_sentence_t5_layout(tmp_path, minilm_dir):
     assert ours.shape == (4, 16)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     np.testing.assert_allclose(Encoder.load(out).encode(texts), ours, atol=1e-6)
-
-
-def _train_sentencepiece(tmp_path):
-    import sentencepiece as spm
-
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(
-        ["the quick brown fox jumps over the lazy dog", "a tiny sentence t5 model", "hello world",
-         "padding matters here, a longer sentence than the rest", "embeddings for retrieval and similarity"] * 20))
-    prefix = tmp_path / "spiece"
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=48,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
-                                   minloglevel=2)
-    return prefix.with_suffix(".model")
 
 
 def _copy(src, dst):
