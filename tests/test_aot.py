@@ -71,8 +71,8 @@ def test_abstract_state_matches_create_train_state():
     mesh = sharding.make_mesh(dict(cfg.mesh))
     _, loss_params = make_objective(cfg.loss)
     tx = make_optimizer(dict(cfg.optim), cfg.num_steps)
-    state, shards = create_train_state(model_cfg, loss_params, tx, mesh, jax.random.key(0))
-    abstract, abstract_shards = aot.abstract_train_state(model_cfg, loss_params, tx, mesh)
+    state, _ = create_train_state(model_cfg, loss_params, tx, mesh, jax.random.key(0))
+    abstract, _ = aot.abstract_train_state(model_cfg, loss_params, tx, mesh)
     real_leaves, real_def = jax.tree.flatten(state)
     abs_leaves, abs_def = jax.tree.flatten(abstract)
     assert real_def == abs_def
@@ -158,8 +158,10 @@ def test_activation_estimate_scales_with_batch_and_grad_cache():
 
     mesh = aot.build_mesh({"data": 1, "fsdp": -1, "tensor": 1}, [aot._ShapeOnlyDevice(i) for i in range(16)])
     assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 1} and sharding.data_parallel_size(mesh) == 16
-    a = lambda *o: aot.activation_estimate(aot.model_config_from(load_config(ST5 + ":base", o)),  # noqa: E731
-                                           load_config(ST5 + ":base", o), mesh)
+    def a(*o: str) -> int:
+        cfg = load_config(ST5 + ":base", o)
+        return aot.activation_estimate(aot.model_config_from(cfg), cfg, mesh)
+
     base = a("batch_size=512")
     assert a("batch_size=1024") == pytest.approx(2 * base, rel=1e-6)
     assert a("batch_size=512", "grad_cache_chunks=4") == pytest.approx(base / 8, rel=1e-6)  # 1 of 2 towers, 1/4
