@@ -108,6 +108,10 @@ class MetricWriter:
             except ImportError:
                 log.info("tensorboardX not installed: metrics go to %s only (no TensorBoard)", self.path)
 
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -192,10 +196,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     if evaluators and config.eval.before and start == 0:
         results["before"] = evaluate("before", 0)
 
-    last_ckpt = start if start else None
     pending = None   # metrics of the previous step, fetched after the next is dispatched
     t_start, n_done = time.time(), 0
-    step = start
 
     def drain(pending):
         s, m = pending
@@ -206,43 +208,54 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
             raise TrainingDiverged(f"step {s}: non-finite {', '.join(bad)}; last good checkpoint: {where}")
         return s, m
 
-    with jax.set_mesh(mesh):
-        while step < config.num_steps:
-            batch = sharding.global_batch(next(train_iter), mesh)
-            data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-            state, metrics = step_fn(state, batch)
-            step += 1
-            n_done += 1
+    step, last_ckpt = start, (start if start else None)
+
+    def _loop() -> None:
+        nonlocal state, pending, t_start, n_done, step, last_ckpt
+        with jax.set_mesh(mesh):
+            while step < config.num_steps:
+                batch = sharding.global_batch(next(train_iter), mesh)
+                data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+                state, metrics = step_fn(state, batch)
+                step += 1
+                n_done += 1
+                if pending is not None:
+                    s, m = drain(pending)
+                    if s == start + 1:   # rates exclude the first step (compilation)
+                        t_start, n_done = time.time(), 1
+                    if s % config.log_every_steps == 0 or s == start + 1:
+                        el = time.time() - t_start
+                        sps = (n_done - 1) / el if n_done > 1 else float("nan")
+                        eta = _fmt_eta((config.num_steps - s) / sps) if sps == sps else "?"
+                        log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s", s, config.num_steps,
+                                 m["loss"], m.get("accuracy", float("nan")), sps, sps * config.batch_size, eta)
+                        writer.write(s, {f"train/{k}": v for k, v in m.items()})
+                pending = (step, metrics)
+                stop = stop_requested() if stop_requested else False
+                if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop:
+                    ckpt.save(step, state, data_state, force=True)
+                    last_ckpt = step
+                if evaluators and config.eval.every_steps and step % config.eval.every_steps == 0 \
+                        and step < config.num_steps:
+                    results.setdefault("during", {})[step] = evaluate("during", step)
+                if stop:
+                    log.info("stop requested: checkpoint at step %d saved, exiting", step)
+                    break
             if pending is not None:
                 s, m = drain(pending)
-                if s == start + 1:   # rates exclude the first step (compilation)
-                    t_start, n_done = time.time(), 1
-                if s % config.log_every_steps == 0 or s == start + 1:
-                    el = time.time() - t_start
-                    sps = (n_done - 1) / el if n_done > 1 else float("nan")
-                    eta = _fmt_eta((config.num_steps - s) / sps) if sps == sps else "?"
-                    log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s", s, config.num_steps,
-                             m["loss"], m.get("accuracy", float("nan")), sps, sps * config.batch_size, eta)
-                    writer.write(s, {f"train/{k}": v for k, v in m.items()})
-            pending = (step, metrics)
-            stop = stop_requested() if stop_requested else False
-            if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop:
-                ckpt.save(step, state, data_state, force=True)
-                last_ckpt = step
-            if evaluators and config.eval.every_steps and step % config.eval.every_steps == 0 \
-                    and step < config.num_steps:
-                results.setdefault("during", {})[step] = evaluate("during", step)
-            if stop:
-                log.info("stop requested: checkpoint at step %d saved, exiting", step)
-                break
-        if pending is not None:
-            s, m = drain(pending)
-            writer.write(s, {f"train/{k}": v for k, v in m.items()})
-            results["last_train_metrics"] = m
+                writer.write(s, {f"train/{k}": v for k, v in m.items()})
+                results["last_train_metrics"] = m
 
+    try:
+        _loop()
+    except BaseException:
+        ckpt.close()   # finish pending async saves (the last good checkpoint) before the error propagates
+        writer.close()
+        raise
     if last_ckpt != step:
         ckpt.save(step, state, train_iter.get_state() if hasattr(train_iter, "get_state") else None, force=True)
     ckpt.close()
+    writer.close()
     results["final_step"] = step
     if step >= config.num_steps:
         if evaluators:

@@ -54,3 +54,13 @@ def test_tiny_sentence_t5_from_scratch(tmp_path):
     assert last_loss < 0.6 * first_loss, hist
     assert last_acc > 10 / 32, hist        # chance is 1/32
     assert res["final_step"] == 60
+
+
+def test_divergence_stops_with_step_and_checkpoint(tmp_path):
+    """A run that blows up stops with the step number and where the last good checkpoint is."""
+    from embedjax.trainer import TrainingDiverged, train_and_evaluate
+
+    cfg = load_config("configs/tiny.py", ["num_steps=8", "optim.lr=1e30", "optim.warmup_steps=0",
+                                          "optim.clip_norm=0", "checkpoint_every_steps=1"])
+    with pytest.raises(TrainingDiverged, match=r"step \d+: non-finite .*last good checkpoint"):
+        train_and_evaluate(cfg, tmp_path)
