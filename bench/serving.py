@@ -14,32 +14,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def stsb_sentences(path: Path) -> list[str]:
-    out = []
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        if line:
-            f = line.split("\t")
-            out += [f[5], f[6]]
-    return out
-
-
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    t0 = time.perf_counter()
-    fn()
-    cold = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return cold, runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from encode_vs_st import stsb_sentences, timed  # noqa: E402  (shared with the encoding benchmark)
 
 
 def main() -> None:
