@@ -220,35 +220,11 @@ def model_config_from(config) -> Any:
     return cfg
 
 
-def abstract_train_state(model_cfg, loss_params: dict, tx, mesh, seq_len: int = 8):
-    """(abstract TrainState of ShapeDtypeStructs carrying shardings, TrainState of shardings): what
-    `train_step.create_train_state` builds, without allocating anything."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
+def abstract_train_state(model_cfg, loss_params: dict, tx, mesh):
+    """(abstract TrainState carrying shardings, TrainState of shardings): what the trainer builds, unallocated."""
+    from embedjax.train_step import abstract_train_state as build
 
-    from embedjax import sharding
-    from embedjax.models.dual_encoder import DualEncoder
-    from embedjax.train_step import TrainState, opt_state_shardings
-
-    model = DualEncoder(model_cfg)
-    ids = jnp.zeros((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda r: model.init(r, ids, jnp.ones_like(ids), method=DualEncoder.init_both)["params"],
-                           jax.random.key(0))
-    model_shards = sharding.param_shardings(boxed, mesh)
-    rep = sharding.replicated(mesh)
-    params_shards = {"model": model_shards, "loss": {k: rep for k in loss_params}}
-    abstract_params = {"model": nn.meta.unbox(boxed),
-                       "loss": {k: jax.ShapeDtypeStruct((), jnp.float32) for k in loss_params}}
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shards = opt_state_shardings(abstract_opt, abstract_params, params_shards, mesh)
-    shards = TrainState(step=rep, params=params_shards, opt_state=opt_shards)
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
-    # `shards` is a prefix of `abstract` (one sharding may stand for an empty optimizer-state node).
-    with_sharding = jax.tree.map(
-        lambda s, sub: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sub),
-        shards, abstract, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return with_sharding, shards
+    return build(model_cfg, loss_params, tx, mesh)
 
 
 def abstract_batch(config, mesh) -> dict:

@@ -1,6 +1,6 @@
 """`embedjax` command line: the only place that parses flags.
 
-Subcommands: encode, train, eval, mine (and, as it lands, export). Heavy imports happen inside each
+Subcommands: encode, train, eval, mine, export, aot. Heavy imports happen inside each
 subcommand so `embedjax --help` is instant.
 """
 from __future__ import annotations
@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+
+log = logging.getLogger("embedjax")
 
 # Subcommands living in other modules: name -> module exposing add_parser(subparsers) and run(args).
 _EXTERNAL = {
@@ -85,15 +88,42 @@ def _run_encode(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train / fine-tune from a config file",
                        description="Train per a Python config (configs/*.py), with dotted overrides, e.g. "
-                                   "--config.optim.lr=3e-5 --config.batch_size=64.")
+                                   "--config.optim.lr=3e-5 --config.batch_size=64. SIGTERM (TPU preemption) "
+                                   "checkpoints at the next step and exits 0; the same command resumes.")
     p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/, final/ go here")
+    p.add_argument("--workdir", required=True,
+                   help="local folder or gs:// path: checkpoints/, metrics.jsonl, tensorboard/, final/")
+    p.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                   help="call jax.distributed.initialize(): auto = when a cluster is detected (Cloud TPU VM, "
+                        "GKE TPU, SLURM, Open MPI) or --coordinator is given")
     p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host, non-TPU clusters)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--heartbeat-timeout", type=int, default=60,
+                   help="seconds without a heartbeat after which a process counts as lost and the others stop")
     p.add_argument("--fake-devices", type=int, default=None,
                    help="simulate N devices on the CPU (sets XLA_FLAGS before JAX starts)")
     p.set_defaults(func=_run_train)
+
+
+def cluster_detected(environ: dict | None = None) -> bool:
+    """Whether this process runs in a multi-process launch that jax.distributed.initialize() detects by itself:
+    a Cloud TPU VM (the metadata server names the workers), GKE TPU, SLURM or Open MPI."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if any(env.get(k) for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
+                                "JAX_COORDINATOR_ADDRESS")):
+        return True
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    if environ is None and not env.get("TPU_SKIP_MDS_QUERY"):
+        try:
+            from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+        except ImportError:
+            return False
+        return bool(running_in_cloud_tpu_vm)
+    return False
 
 
 def _init_distributed(args: argparse.Namespace) -> None:
@@ -104,11 +134,42 @@ def _init_distributed(args: argparse.Namespace) -> None:
                                    f" --xla_force_host_platform_device_count={args.fake_devices}").strip()
     import jax
 
+    if args.distributed == "off":
+        return
     if args.coordinator:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()  # Cloud TPU VM pod slice: auto-detected
+                                   process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout)
+    elif args.distributed == "on" or cluster_detected():
+        jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout)
+    else:
+        return
+    if jax.process_index() != 0:   # one log for the run; other processes still show warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
+    log.info("jax.distributed: %d processes, %d devices (%d local)", jax.process_count(), jax.device_count(),
+             jax.local_device_count())
+
+
+def lost_processes(timeout: float) -> list[int] | None:
+    """Processes the coordination service no longer hears from (None when it cannot tell within `timeout`)."""
+    import threading
+
+    import jax
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None or jax.process_count() == 1:
+        return None
+    live: dict = {}
+
+    def ask() -> None:
+        try:
+            live.update(client.get_live_nodes(list(range(jax.process_count()))))
+        except Exception:  # noqa: BLE001 - best effort diagnosis
+            pass
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(timeout)
+    return sorted(set(range(jax.process_count())) - set(live)) if live else None
 
 
 def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -116,9 +177,30 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     _init_distributed(args)
-    from embedjax.trainer import train_and_evaluate
+    import jax
 
-    res = train_and_evaluate(cfg, args.workdir)
+    from embedjax.trainer import TrainingDiverged, train_and_evaluate
+
+    try:
+        res = train_and_evaluate(cfg, args.workdir)
+    except (TrainingDiverged, CLIError, FileNotFoundError, ValueError, TypeError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        # a collective failed: most likely another process died. Name it (the coordination service notices
+        # within the heartbeat timeout) and exit now instead of waiting in shutdown barriers.
+        lost = lost_processes(args.heartbeat_timeout + 15)
+        who = (f"lost process(es) {lost} of {jax.process_count()}" if lost else
+               "no process reported lost; see the other processes' logs")
+        print(f"embedjax train: process {jax.process_index()} stops: {who}; "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(3)
+    if res.get("preempted"):
+        print(f"preempted at step {res['final_step']}: checkpoint saved in {args.workdir}; "
+              "run the same command again to resume", flush=True)
+        return 0
     before, after = res.get("before", {}), res.get("after", {})
     for k in after:
         if k in before:

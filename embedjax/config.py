@@ -40,6 +40,8 @@ def base_config() -> ConfigDict:
     c.data.document_prompt = ""
     c.data.num_negatives = 0
     c.data.on_error = "raise"
+    c.data.host_order = "per_host"         # per_host: each host reads its shard | global: every host reads all
+                                           # data and takes its rows of one global order (host-count invariant)
     c.batch_size = 32                      # global
     c.num_steps = 100
     # loss
@@ -74,7 +76,10 @@ def base_config() -> ConfigDict:
     c.eval.before = True
     c.log_every_steps = 10
     c.checkpoint_every_steps = 0           # 0: only at the end
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3                 # the last K
+    c.keep_best_checkpoints = 0            # plus the best N by best_metric (saved at eval steps)
+    c.best_metric = ""                     # e.g. "beir/scifact/test/ndcg@10" (an eval metric name)
+    c.best_mode = "max"
     c.export_final = True                  # write <workdir>/final as a sentence-transformers folder
     return c
 

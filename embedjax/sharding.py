@@ -133,9 +133,31 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Per-host numpy batch -> global jax arrays sharded over the data axes (each host passes its own rows)."""
+    """Per-host numpy batch -> global jax arrays sharded over the data axes (each host passes its own rows).
+    With several processes, rows padded to different bucket lengths on different hosts are padded (zeros:
+    masked) to the longest, so every host contributes the same shape."""
+    if jax.process_count() > 1:
+        local_batch = agree_padding(local_batch)
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def agree_padding(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pads every array's non-batch dims to the maximum over all processes (one small allgather)."""
+    from jax.experimental import multihost_utils
+
+    keys = sorted(local_batch)
+    dims = np.asarray([d for k in keys for d in np.shape(local_batch[k])[1:]], np.int32)
+    target = np.max(np.asarray(multihost_utils.process_allgather(dims)).reshape(-1, dims.size), axis=0)
+    if np.array_equal(dims, target):
+        return dict(local_batch)
+    out, i = {}, 0
+    for k in keys:
+        v = np.asarray(local_batch[k])
+        want = target[i: i + v.ndim - 1]
+        i += v.ndim - 1
+        out[k] = np.pad(v, [(0, 0)] + [(0, int(w) - s) for s, w in zip(v.shape[1:], want)])
+    return out
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

@@ -97,22 +97,43 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_sha
     return walk(abstract_opt_state)
 
 
-def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.GradientTransformation, mesh,
-                       rng: jax.Array, pretrained: dict | None = None, seq_len: int = 8
-                       ) -> tuple[TrainState, TrainState]:
-    """Abstract first: shapes -> shardings -> jitted init with out_shardings. Returns (state, state_shardings).
-    `pretrained` (the DualEncoder params tree, e.g. from Encoder.load) replaces the random init."""
+def _model_init(model_cfg: ModelConfig, seq_len: int = 8):
     model = DualEncoder(model_cfg)
     ids = jnp.zeros((1, seq_len), jnp.int32)
 
     def init_boxed(rng):
         return model.init(rng, ids, jnp.ones_like(ids), method=DualEncoder.init_both)["params"]
+    return init_boxed
 
-    boxed = jax.eval_shape(init_boxed, rng)
+
+def abstract_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.GradientTransformation, mesh
+                         ) -> tuple[TrainState, TrainState]:
+    """(abstract state: ShapeDtypeStructs carrying their shardings, state shardings); nothing is allocated.
+    The restore target for a checkpoint, on whatever mesh `mesh` is."""
+    boxed = jax.eval_shape(_model_init(model_cfg), jax.random.key(0))
     model_shards = sharding.param_shardings(boxed, mesh)
-    abstract_model = nn.meta.unbox(boxed)
-    loss_params = {k: jnp.asarray(v, jnp.float32) for k, v in loss_params.items()}
-    params_shards = {"model": model_shards, "loss": {k: sharding.replicated(mesh) for k in loss_params}}
+    rep = sharding.replicated(mesh)
+    abstract_params = {"model": nn.meta.unbox(boxed),
+                       "loss": {k: jax.ShapeDtypeStruct((), jnp.float32) for k in loss_params}}
+    params_shards = {"model": model_shards, "loss": {k: rep for k in loss_params}}
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_shards = opt_state_shardings(abstract_opt, abstract_params, params_shards, mesh)
+    shards = TrainState(step=rep, params=params_shards, opt_state=opt_shards)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
+    # `shards` is a prefix of `abstract` (one sharding may stand for an empty optimizer-state node)
+    abstract = jax.tree.map(
+        lambda sh, sub: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), sub),
+        shards, abstract, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return abstract, shards
+
+
+def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.GradientTransformation, mesh,
+                       rng: jax.Array, pretrained: dict | None = None
+                       ) -> tuple[TrainState, TrainState]:
+    """Abstract first: shapes -> shardings -> jitted init with out_shardings. Returns (state, state_shardings).
+    `pretrained` (the DualEncoder params tree, e.g. from Encoder.load) replaces the random init."""
+    abstract, shards = abstract_train_state(model_cfg, loss_params, tx, mesh)
+    abstract_model, model_shards = abstract.params["model"], shards.params["model"]
 
     if pretrained is not None:
         want = jax.tree.structure(abstract_model)
@@ -122,18 +143,15 @@ def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Grad
             if tuple(a.shape) != tuple(np.shape(b)):
                 raise ValueError(f"pretrained param shape {np.shape(b)} != model shape {a.shape}")
         model_params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), pretrained), model_shards)
-        init_model = lambda rng: model_params  # noqa: E731
     else:
-        init_model = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=model_shards)
+        init_boxed = _model_init(model_cfg)
+        model_params = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=model_shards)(rng)
 
-    params = {"model": init_model(rng), "loss": jax.device_put(loss_params, params_shards["loss"])}
-    abstract_params = jax.eval_shape(lambda: params)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shards = opt_state_shardings(abstract_opt, abstract_params, params_shards, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shards)(params)
-    rep = sharding.replicated(mesh)
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state)
-    shards = TrainState(step=rep, params=params_shards, opt_state=opt_shards)
+    loss_params = {k: jnp.asarray(v, jnp.float32) for k, v in loss_params.items()}
+    params = {"model": model_params, "loss": jax.device_put(loss_params, shards.params["loss"])}
+    opt_state = jax.jit(tx.init, out_shardings=shards.opt_state)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shards.step), params=params,
+                       opt_state=opt_state)
     return state, shards
 
 

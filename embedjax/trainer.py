@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,21 +31,19 @@ class TrainingDiverged(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- pieces
 
-def load_model(config: ConfigDict):
-    """(ModelConfig, pretrained params or None, HF tokenizer, tokenizer folder)."""
-    from embedjax.encoder import Encoder
-    from embedjax.models.convert import resolve_model_dir
+def load_model(config: ConfigDict, *, weights: bool = True):
+    """(ModelConfig, pretrained params or None, HF tokenizer, tokenizer folder). `weights=False` reads the
+    pretrained folder's configuration only (resume, export: the weights come from a checkpoint)."""
+    from embedjax.models.convert import load_folder, resolve_model_dir
     from embedjax.tokenize import load_tokenizer
 
     max_len = max(config.max_query_length, config.max_document_length)
     if config.init_from:
-        enc = Encoder.load(config.init_from)
-        cfg = enc.config
+        cfg, params, tdir, _ = load_folder(config.init_from, weights=weights)
         if max_len > cfg.max_length:
             import dataclasses
             cfg = dataclasses.replace(cfg, max_length=max_len)
-        tdir = resolve_model_dir(config.init_from)
-        return cfg, enc.params, enc.tokenizer, tdir
+        return cfg, params, load_tokenizer(tdir), tdir
     cfg = ModelConfig.from_dict(config.model_config.to_dict())
     tdir = resolve_model_dir(config.tokenizer)
     return cfg, None, load_tokenizer(tdir), tdir
@@ -70,7 +70,7 @@ def build_train_iterator(config: ConfigDict, model_dir: Path):
     return tasks.build_iterator(name, split, global_batch_size=config.batch_size,
                                 max_query_length=config.max_query_length,
                                 max_doc_length=config.max_document_length, num_negatives=d.num_negatives,
-                                dedup=kind != "scored_pairs", seed=config.seed)
+                                dedup=kind != "scored_pairs", seed=config.seed, host_order=d.host_order)
 
 
 def build_evaluators(config: ConfigDict) -> dict[str, Any]:
@@ -95,18 +95,25 @@ def build_evaluators(config: ConfigDict) -> dict[str, Any]:
 
 
 class MetricWriter:
-    """JSON lines (metrics.jsonl) + TensorBoard event files (tensorboardX) when installed; process 0 only."""
+    """JSON lines (metrics.jsonl) + TensorBoard event files (tensorboardX) when installed; process 0 only.
+    Local workdirs append; object stores (gs://, no append) get the whole file rewritten on each write."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Any):
         self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
+        self._remote = "://" in str(workdir)
+        self._lines: list[str] = []
         self._tb = None
         if self.enabled:
+            if self._remote and self.path.exists():
+                self._lines = self.path.read_text().splitlines(keepends=True)
             try:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(str(workdir / "tensorboard"))
             except ImportError:
                 log.info("tensorboardX not installed: metrics go to %s only (no TensorBoard)", self.path)
+            except Exception as e:  # noqa: BLE001 - e.g. gs:// without google-cloud-storage
+                log.warning("no TensorBoard events (%s: %s); metrics go to %s", type(e).__name__, e, self.path)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -115,12 +122,75 @@ class MetricWriter:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k.replace("@", "_at_"), v, step)
             self._tb.flush()
+
+
+class PreemptionWatcher:
+    """SIGTERM (what Cloud TPU VMs send before preemption / maintenance) -> stop at a step boundary that every
+    process agrees on. Multi-process: JAX's preemption sync manager (started by `jax.distributed.initialize`,
+    which catches SIGTERM itself) picks the step; single process: a SIGTERM handler sets a flag."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+        self._sync = False
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            try:
+                multihost_utils.reached_preemption_sync_point(0)
+                self._sync = True
+            except RuntimeError:   # preemption service disabled: own handler, agreed by an allgather per step
+                pass
+        if not self._sync and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """True at the step where every process should checkpoint and stop (call it at every step)."""
+        if self._sync:
+            from jax.experimental import multihost_utils
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return bool(np.max(multihost_utils.process_allgather(np.asarray([int(self.requested)], np.int32))))
+        return self.requested
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def _close_bounded(ckpt: Any, timeout: float | None) -> None:
+    if timeout is None:
+        ckpt.close()
+        return
+    t = threading.Thread(target=ckpt.close, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        log.warning("pending checkpoint save did not finish within %.0fs (another process lost?)", timeout)
+
+
+def _copy_tree(src: Path, dst: Any) -> None:
+    """Copies a local folder to an epath (gs://) destination."""
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            target = dst / p.relative_to(src).as_posix()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(p.read_bytes())
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -132,25 +202,34 @@ def _fmt_eta(seconds: float) -> str:
 
 def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
                        train_iter: Iterator[dict[str, np.ndarray]] | None = None,
-                       stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Trains per `config` in `workdir`; returns {"before": {...}, "after": {...}, "final_step": n, ...}."""
-    from embedjax.checkpoint import Checkpointer, abstract_like
+                       stop_requested: Callable[[], bool] | None = None,
+                       devices: Any = None) -> dict[str, Any]:
+    """Trains per `config` in `workdir` (a local path or gs://); returns {"before": {...}, "after": {...},
+    "final_step": n, "preempted": bool, ...}. SIGTERM, or `stop_requested()` returning True, checkpoints at
+    the next step boundary and returns early (run again with the same workdir to resume). `devices`: the
+    devices of the mesh (default: all)."""
+    from embedjax.checkpoint import Checkpointer, as_path
     from embedjax.encoder import Encoder
     from embedjax.objectives import make_objective
     from embedjax.optim import make_optimizer, schedule
-    from embedjax.train_step import create_train_state, jit_train_step, make_train_step
+    from embedjax.train_step import abstract_train_state, create_train_state, jit_train_step, make_train_step
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2), encoding="utf-8")
-    mesh = sharding.make_mesh(dict(config.mesh))
+    workdir = as_path(str(workdir) if "://" in str(workdir) else Path(workdir).absolute())
+    lead = jax.process_index() == 0
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     dp = sharding.data_parallel_size(mesh)
     if config.batch_size % dp:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel devices")
 
-    model_cfg, pretrained, tokenizer, model_dir = load_model(config)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                        keep_best=config.keep_best_checkpoints, best_metric=config.best_metric,
+                        best_mode=config.best_mode)
+    resuming = ckpt.latest_step() is not None
+    model_cfg, pretrained, tokenizer, model_dir = load_model(config, weights=not resuming)
     if train_iter is None:
         train_iter = build_train_iterator(config, model_dir)
     objective, loss_params = make_objective(config.loss)
@@ -158,26 +237,31 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
                   config.optim.end_factor)
     tx = make_optimizer(dict(config.optim), config.num_steps)
     rng = jax.random.key(config.seed)
-    state, shards = create_train_state(model_cfg, loss_params, tx, mesh, rng, pretrained=pretrained)
 
-    ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     start = 0
-    if ckpt.latest_step() is not None:
-        state, data_state, start = ckpt.restore(abstract_like(state))
+    if resuming:
+        # resume: build the state abstractly (nothing allocated, pretrained weights not needed) and restore
+        # each shard straight onto its devices, whatever mesh wrote the checkpoint
+        abstract, shards = abstract_train_state(model_cfg, loss_params, tx, mesh)
+        state, data_state, start = ckpt.restore(abstract)
         if data_state is not None and hasattr(train_iter, "set_state"):
             train_iter.set_state(data_state)
-        log.info("resumed from %s step %d", ckpt.directory, start)
-    elif config.init_from:
-        log.info("starting from pretrained %s", config.init_from)
+        log.info("resuming from %s step %d", ckpt.directory, start)
     else:
-        log.info("starting from scratch (seed %d)", config.seed)
+        state, shards = create_train_state(model_cfg, loss_params, tx, mesh, rng, pretrained=pretrained)
+        if config.init_from:
+            log.info("starting from pretrained %s", config.init_from)
+        else:
+            log.info("starting from scratch (seed %d)", config.seed)
+    pretrained = None
 
     step_fn = jit_train_step(make_train_step(model_cfg, objective, tx, grad_cache_chunks=config.grad_cache_chunks,
                                              lr_schedule=lr), shards, mesh)
     evaluators = build_evaluators(config)
     encoder = Encoder(model_cfg, state.params["model"], tokenizer, name=str(workdir), mesh=mesh)
     writer = MetricWriter(workdir)
-    results: dict[str, Any] = {}
+    preemption = PreemptionWatcher()
+    results: dict[str, Any] = {"preempted": False}
 
     def evaluate(tag: str, step: int) -> dict[str, float]:
         from embedjax.evaluate import encode_fn_from_encoder
@@ -209,9 +293,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
         return s, m
 
     step, last_ckpt = start, (start if start else None)
+    data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
 
     def _loop() -> None:
-        nonlocal state, pending, t_start, n_done, step, last_ckpt
+        nonlocal state, pending, t_start, n_done, step, last_ckpt, data_state
         with jax.set_mesh(mesh):
             while step < config.num_steps:
                 batch = sharding.global_batch(next(train_iter), mesh)
@@ -231,15 +316,19 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
                                  m["loss"], m.get("accuracy", float("nan")), sps, sps * config.batch_size, eta)
                         writer.write(s, {f"train/{k}": v for k, v in m.items()})
                 pending = (step, metrics)
-                stop = stop_requested() if stop_requested else False
-                if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop:
-                    ckpt.save(step, state, data_state, force=True)
-                    last_ckpt = step
+                stop = preemption.reached(step) or (stop_requested() if stop_requested else False)
+                eval_metrics = None
                 if evaluators and config.eval.every_steps and step % config.eval.every_steps == 0 \
-                        and step < config.num_steps:
-                    results.setdefault("during", {})[step] = evaluate("during", step)
+                        and step < config.num_steps and not stop:
+                    eval_metrics = results.setdefault("during", {})[step] = evaluate("during", step)
+                if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop:
+                    ckpt.save(step, state, data_state, metrics=eval_metrics)
+                    last_ckpt = step
                 if stop:
-                    log.info("stop requested: checkpoint at step %d saved, exiting", step)
+                    log.warning("%s: checkpoint of step %d saved; run the same command again to resume",
+                                "preempted (SIGTERM)" if preemption.requested or preemption._sync else
+                                "stop requested", step)
+                    results["preempted"] = True
                     break
             if pending is not None:
                 s, m = drain(pending)
@@ -248,22 +337,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
 
     try:
         _loop()
+        results["final_step"] = step
+        after = None
+        if step >= config.num_steps and evaluators:
+            after = results["after"] = evaluate("after", step)
+        if last_ckpt != step:
+            ckpt.save(step, state, data_state, metrics=after)
     except BaseException:
-        ckpt.close()   # finish pending async saves (the last good checkpoint) before the error propagates
-        writer.close()
+        # finish pending async saves (the last good checkpoint) before the error propagates; with several
+        # processes the save's barriers may wait on a dead peer, so the wait is bounded
+        _close_bounded(ckpt, None if jax.process_count() == 1 else 30.0)
         raise
-    if last_ckpt != step:
-        ckpt.save(step, state, train_iter.get_state() if hasattr(train_iter, "get_state") else None, force=True)
-    ckpt.close()
-    writer.close()
-    results["final_step"] = step
-    if step >= config.num_steps:
-        if evaluators:
-            results["after"] = evaluate("after", step)
-        if config.export_final and jax.process_index() == 0:
-            encoder.params = state.params["model"]
-            results["final_model"] = str(encoder.save(workdir / "final"))
-    if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    else:
+        ckpt.close()
+    finally:
+        preemption.close()
+        writer.close()
+    if step >= config.num_steps and config.export_final and lead:
+        encoder.params = state.params["model"]
+        if "://" in str(workdir):
+            import tempfile
+            with tempfile.TemporaryDirectory() as tmp:
+                _copy_tree(encoder.save(Path(tmp) / "final"), workdir / "final")
+        else:
+            encoder.save(Path(str(workdir)) / "final")
+        results["final_model"] = str(workdir / "final")
+    if lead:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     results["state"] = state
     return results

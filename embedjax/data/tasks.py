@@ -458,16 +458,30 @@ def build_iterator(
     seed: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> ContrastiveBatchIterator:
-    """The training iterator of this process: its shard of every task of `name`, batches of
-    ``global_batch_size / process_count`` rows padded to bucket lengths (defaults: ``jax.process_index()`` /
-    ``jax.process_count()``). Negatives whose text is a query / positive held by another host are not used,
-    so no row's positive can come back as another host's negative in the global batch."""
+    host_order: str = "per_host",
+) -> ContrastiveBatchIterator | HostRows:
+    """The training iterator of this process, batches of ``global_batch_size / process_count`` rows padded to
+    bucket lengths (defaults: ``jax.process_index()`` / ``jax.process_count()``).
+
+    ``host_order="per_host"``: each process reads and tokenizes only its shard of every task of `name`.
+    Negatives whose text is a query / positive held by another host are not used, so no row's positive can
+    come back as another host's negative in the global batch. ``host_order="global"``: every process reads
+    all the data and takes its rows of one global order, so the global batches (and the training run) do not
+    depend on the number of processes, and a run can resume on another host count."""
+    if host_order not in ("per_host", "global"):
+        raise ValueError(f"host_order must be 'per_host' or 'global', got {host_order!r}")
     if process_index is None or process_count is None:
         import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    if host_order == "global" and process_count > 1:
+        local_batch_size(global_batch_size, process_count)   # checks divisibility
+        it = build_iterator(name, split, global_batch_size=global_batch_size, max_query_length=max_query_length,
+                            max_doc_length=max_doc_length, num_negatives=num_negatives,
+                            group_by_task=group_by_task, dedup=dedup, seed=seed, process_index=0,
+                            process_count=1)
+        return HostRows(it, process_index, process_count)
     local = local_batch_size(global_batch_size, process_count)
     rates = validate_rates(task_rates(name), f"{name!r}")
     data = load_tokenized(
@@ -502,3 +516,27 @@ def build_iterator(
         seed=seed,
         exclude_negative_keys={t: foreign for t in data} if foreign else None,
     )
+
+
+class HostRows:
+    """This process's rows of a global batch iterator (every process runs the same one): rows
+    ``[i * B / n, (i + 1) * B / n)`` of each batch. Padded lengths are those of the global batch, so they agree
+    across processes."""
+
+    def __init__(self, it: ContrastiveBatchIterator, process_index: int, process_count: int):
+        self.it, self.index, self.count = it, process_index, process_count
+
+    def __iter__(self) -> "HostRows":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.it)
+        n = len(next(iter(batch.values())))
+        lo, hi = self.index * n // self.count, (self.index + 1) * n // self.count
+        return {k: v[lo:hi] for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        return self.it.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.it.set_state(state)

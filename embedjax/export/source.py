@@ -210,8 +210,9 @@ def restore_params(workdir: Path, cfg: Any,
                    step: int | None = None) -> tuple[ModelConfig, dict, Any, Path, int]:
     """(model config, model params as numpy, tokenizer, tokenizer folder, step) from a workdir checkpoint.
 
-    The abstract train state is rebuilt the trainer's way (`create_train_state` under `jax.eval_shape`, so
-    nothing is allocated) and restored onto this host's first device, whatever mesh training used.
+    The abstract train state is rebuilt the trainer's way (`abstract_train_state`, nothing allocated); only
+    the model's params are read (never the optimizer state), onto this host's first device, whatever mesh
+    training used.
     """
     import jax
 
@@ -219,11 +220,11 @@ def restore_params(workdir: Path, cfg: Any,
     from embedjax.checkpoint import Checkpointer
     from embedjax.objectives import make_objective
     from embedjax.optim import make_optimizer
-    from embedjax.train_step import create_train_state
+    from embedjax.train_step import abstract_train_state
     from embedjax.trainer import load_model
 
-    model_cfg, _, tokenizer, model_dir = load_model(cfg)
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    model_cfg, _, tokenizer, model_dir = load_model(cfg, weights=False)
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else int(step)
         if step is None:
@@ -231,16 +232,13 @@ def restore_params(workdir: Path, cfg: Any,
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
         _, loss_params = make_objective(dict(cfg.loss))
         tx = make_optimizer(dict(cfg.optim), cfg.num_steps)
-        abstract = jax.eval_shape(lambda: create_train_state(model_cfg, loss_params, tx, mesh,
-                                                             jax.random.key(0))[0])
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
-        try:
-            state, _, step = ckpt.restore(abstract, step=step, with_data=False)
+        abstract, _ = abstract_train_state(model_cfg, loss_params, tx, mesh)
+        try:   # the model's params only: the optimizer state is never read
+            state, step = ckpt.restore_subtree({"params": {"model": abstract.params["model"]}}, step=step)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise ExportError(f"{workdir / 'checkpoints'}: cannot restore step {step} "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     finally:
         ckpt.close()
-    params = jax.tree.map(lambda x: np.asarray(x), state.params["model"])
+    params = jax.tree.map(lambda x: np.asarray(x), state["params"]["model"])
     return model_cfg, params, tokenizer, Path(model_dir), int(step)

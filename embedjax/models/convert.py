@@ -257,10 +257,11 @@ def _pooling_from_st(cfg: dict, source: Path) -> str:
     return on[0]
 
 
-def load_folder(path_or_id: str | os.PathLike) -> tuple[ModelConfig, dict, Path, dict]:
+def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True) -> tuple[ModelConfig, dict | None, Path, dict]:
     """Reads a sentence-transformers or Hugging Face folder.
 
-    Returns (config, params, transformer_dir, extras) where params is the full DualEncoder tree and extras
+    Returns (config, params, transformer_dir, extras) where params is the full DualEncoder tree (None with
+    `weights=False`: the configuration only, no tensors read) and extras
     holds `prompts`, `default_prompt_name` and `similarity_fn_name` from config_sentence_transformers.json.
     """
     root = resolve_model_dir(path_or_id)
@@ -305,26 +306,29 @@ def load_folder(path_or_id: str | os.PathLike) -> tuple[ModelConfig, dict, Path,
         if act not in _ST_ACTIVATIONS:
             raise ModelLoadError(f"{dense / 'config.json'}: activation {act!r} is not supported; "
                                  f"supported: {', '.join(_ST_ACTIVATIONS)}")
-        dt = read_safetensors(dense)
-        if "linear.weight" not in dt:
-            raise ModelLoadError(f"{dense / 'model.safetensors'}: no 'linear.weight' tensor")
-        proj = {"kernel": np.ascontiguousarray(dt["linear.weight"].T)}
-        if dcfg.get("bias", True):
-            proj["bias"] = dt["linear.bias"]
+        if weights:
+            dt = read_safetensors(dense)
+            if "linear.weight" not in dt:
+                raise ModelLoadError(f"{dense / 'model.safetensors'}: no 'linear.weight' tensor")
+            proj = {"kernel": np.ascontiguousarray(dt["linear.weight"].T)}
+            if dcfg.get("bias", True):
+                proj["bias"] = dt["linear.bias"]
         head = HeadConfig(pooling=pooling, normalize=normalize, projection_dim=int(dcfg["out_features"]),
                           projection_bias=bool(dcfg.get("bias", True)),
                           projection_activation=_ST_ACTIVATIONS[act])
     if max_length is None:
         max_length = getattr(enc_cfg, "max_position_embeddings", 512)
     cfg = ModelConfig(architecture=arch, encoder=enc_cfg, head=head, shared_towers=True, max_length=int(max_length))
-    tower = hf_to_tower_params(cfg, read_safetensors(transformer_dir), str(transformer_dir / "model.safetensors"))
-    if proj is not None:
-        tower["projection"] = proj
     extras = {}
     st_cfg = root / "config_sentence_transformers.json"
     if st_cfg.is_file():
         c = _read_json(st_cfg)
         extras = {k: c[k] for k in ("prompts", "default_prompt_name", "similarity_fn_name") if c.get(k)}
+    if not weights:
+        return cfg, None, transformer_dir, extras
+    tower = hf_to_tower_params(cfg, read_safetensors(transformer_dir), str(transformer_dir / "model.safetensors"))
+    if proj is not None:
+        tower["projection"] = proj
     return cfg, {"tower": tower}, transformer_dir, extras
 
 
