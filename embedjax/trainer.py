@@ -109,6 +109,11 @@ class MetricWriter:
                 self._lines = self.path.read_text().splitlines(keepends=True)
             try:
                 from tensorboardX import SummaryWriter
+                if self._remote and str(workdir).startswith("gs://"):
+                    from tensorboardX import record_writer
+                    if not record_writer.GCS_ENABLED:
+                        raise RuntimeError("TensorBoard events on gs:// need google-cloud-storage "
+                                           "(pip install 'embedjax[tpu]')")
                 self._tb = SummaryWriter(str(workdir / "tensorboard"))
             except ImportError:
                 log.info("tensorboardX not installed: metrics go to %s only (no TensorBoard)", self.path)

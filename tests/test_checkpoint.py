@@ -99,3 +99,70 @@ def test_cluster_detection_from_environment():
     assert cluster_detected({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"})
     assert cluster_detected({"SLURM_NTASKS": "4"}) and not cluster_detected({"SLURM_NTASKS": "1"})
     assert cluster_detected({"OMPI_COMM_WORLD_SIZE": "2"})
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs://bucket/... served from a local folder through etils.epath's own mock hook (the path objects stay
+    gs:// paths; only the backend calls are redirected). Orbax's array writes (tensorstore) are not covered."""
+    from etils import epath
+    from etils.epath import gpath, testing
+
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)   # else gs:// goes to tf.io.gfile
+    root = tmp_path / "gcs"
+    root.mkdir()
+
+    def local(p):
+        s = str(p)
+        return str(root / s[len("gs://"):]) if s.startswith("gs://") else s
+
+    def redirect(orig, path, *a, **k):
+        return orig(local(path), *a, **k)
+
+    def redirect2(orig, path, dst, *a, **k):
+        return orig(local(path), local(dst), *a, **k)
+
+    def glob(orig, pattern):
+        return ["gs://" + str(g)[len(str(root)) + 1:] for g in orig(local(pattern))]
+
+    def listdir(orig, path):
+        return orig(local(path))
+
+    fns = {n: redirect for n in ("open", "exists", "isdir", "makedirs", "mkdir", "remove", "rmtree", "stat")}
+    with testing.mock_epath(**fns, rename=redirect2, replace=redirect2, copy=redirect2, glob=glob, listdir=listdir):
+        yield epath.Path("gs://bucket"), root
+
+
+def test_remote_workdir_paths_stay_remote(fake_gcs):
+    from embedjax.checkpoint import as_path
+    from embedjax.trainer import MetricWriter, _copy_tree
+
+    gcs, root = fake_gcs
+    root = root / "bucket"
+    workdir = as_path("gs://bucket/run")
+    assert str(workdir / "checkpoints") == "gs://bucket/run/checkpoints"
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    w = MetricWriter(workdir)   # object stores cannot append: the file is rewritten whole
+    w._tb = None
+    w.write(1, {"train/loss": 2.0})
+    w.write(2, {"train/loss": 1.5})
+    assert (root / "run" / "metrics.jsonl").read_text().count("\n") == 2
+    w2 = MetricWriter(workdir)   # a resumed run keeps the earlier lines
+    w2._tb = None
+    w2.write(3, {"train/loss": 1.0})
+    assert [ln[:10] for ln in (root / "run" / "metrics.jsonl").read_text().splitlines()] == \
+        ['{"step": 1', '{"step": 2', '{"step": 3']
+
+    src = root.parent / "final_local"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.bin").write_bytes(b"\x00\x01")
+    _copy_tree(src, workdir / "final")
+    assert (root / "run" / "final" / "sub" / "a.bin").read_bytes() == b"\x00\x01"
+
+    # on object stores a step folder without Orbax's commit_success.txt is an incomplete save
+    for step, done in ((4, True), (6, False)):
+        (root / "run" / "checkpoints" / str(step)).mkdir(parents=True)
+        if done:
+            (root / "run" / "checkpoints" / str(step) / "commit_success.txt").write_text("ok")
+    assert [s for s, _ in incomplete_checkpoints(workdir / "checkpoints")] == [6]
