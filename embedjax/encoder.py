@@ -96,13 +96,15 @@ class Encoder:
 
     def encode(self, texts: str | Iterable[str], *, batch_size: int = 128, max_length: int | None = None,
                prompt: str | None = None, prompt_name: str | None = None, normalize: bool | None = None,
-               dim: int | None = None, tower: Tower = "query", show_progress: bool | None = None) -> np.ndarray:
+               dim: int | None = None, tower: Tower = "query", show_progress: bool | None = None,
+               warn_truncation: bool = True) -> np.ndarray:
         """Embeds texts; returns float32 [N, D] (D = `dim` if given).
 
         Texts are sorted by token length and padded to bucket lengths, so at most one compilation per bucket
         (per tower / normalisation) happens whatever the input. `dim` keeps the first `dim` components
         (Matryoshka) and re-normalises when the output is normalised. `prompt` is prepended to every text;
-        `prompt_name` picks one of the model's configured prompts.
+        `prompt_name` picks one of the model's configured prompts. Truncated texts are counted in a warning
+        (`warn_truncation=False`: at debug level; callers that encode in pieces warn once).
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -129,9 +131,11 @@ class Encoder:
             texts = [prompt + t for t in texts]
 
         tok = self._text.tokenize(texts, max_len)
+        self.last_num_truncated = tok.num_truncated
         if tok.num_truncated:
-            log.warning("%d of %d texts were longer than %d tokens and were truncated",
-                        tok.num_truncated, len(texts), max_len)
+            log.log(logging.WARNING if warn_truncation else logging.DEBUG,
+                    "%d of %d texts were longer than %d tokens and were truncated", tok.num_truncated, len(texts),
+                    max_len)
         lengths = np.fromiter((len(x) for x in tok.ids), np.int64, len(tok.ids))
         order = np.argsort(-lengths, kind="stable")
         buckets = bucket_lengths(max_len)

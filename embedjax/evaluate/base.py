@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import inspect
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
@@ -127,10 +128,14 @@ def encode_fn_from_encoder(
     things that change document embeddings); an encoder without a fingerprint gets no cache key.
     """
     prompts = {"query": query_prompt, "document": document_prompt}
+    quiet_ok = "warn_truncation" in inspect.signature(encoder.encode).parameters
+    warned = {"query": False, "document": False}
 
     def encode_fn(texts: list[str], role: str) -> np.ndarray:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        # evaluators encode in pieces: one truncation warning per role, not one per piece
+        extra = {"warn_truncation": False} if quiet_ok and warned[role] else {}
         emb = encoder.encode(
             list(texts),
             batch_size=batch_size,
@@ -138,7 +143,9 @@ def encode_fn_from_encoder(
             prompt=prompts[role],
             tower=role,
             show_progress=show_progress,
+            **extra,
         )
+        warned[role] = warned[role] or bool(getattr(encoder, "last_num_truncated", 0))
         return np.asarray(emb, dtype=np.float32)
 
     fingerprint = getattr(encoder, "fingerprint", None)

@@ -238,3 +238,25 @@ def test_unwritable_cache_dir_only_warns(beir_dir, tmp_path, caplog):
         m = ev.run(encode_fn_from_encoder(HashEncoder()))
     assert "not caching corpus embeddings: cannot write" in caplog.text
     assert m["n_queries"] == 3
+
+
+def test_encode_fn_warns_about_truncation_once_per_role():
+    from embedjax.evaluate import encode_fn_from_encoder
+
+    class Fake:
+        def __init__(self):
+            self.flags = []
+
+        def encode(self, texts, batch_size=1, max_length=None, prompt=None, tower="query", show_progress=None,
+                   warn_truncation=True):
+            self.flags.append((tower, warn_truncation))
+            self.last_num_truncated = sum(len(t) > 5 for t in texts)
+            return np.zeros((len(texts), 2), np.float32)
+
+    enc = Fake()
+    fn = encode_fn_from_encoder(enc)
+    for piece in (["short"], ["a long text"], ["another long one"], ["x"]):
+        fn(piece, "document")
+    fn(["a long query"], "query")
+    assert enc.flags == [("document", True), ("document", True), ("document", False), ("document", False),
+                         ("query", True)]
