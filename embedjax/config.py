@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -151,3 +152,42 @@ def validate(cfg: ConfigDict) -> None:
     dims = tuple(cfg.loss.matryoshka_dims)
     if dims and list(dims) != sorted(dims, reverse=True):
         raise ConfigError(f"config: loss.matryoshka_dims must be decreasing, got {dims}")
+
+
+def read_workdir_config(workdir: Any) -> ConfigDict:
+    """The experiment config a training run wrote to ``<workdir>/config.json``, over today's defaults."""
+    if "://" in str(workdir):
+        from etils import epath
+        path = epath.Path(str(workdir)) / "config.json"
+    else:
+        path = Path(workdir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (not a training workdir)") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    cfg = base_config()
+    _merge(cfg, raw)
+    return cfg
+
+
+def _merge(cfg: Any, raw: dict) -> None:
+    """Overlays a config.json dict on the base config (nested ConfigDicts kept; lists become tuples)."""
+    for k, v in raw.items():
+        if isinstance(v, dict) and k in cfg and isinstance(cfg[k], ConfigDict) and k != "model_config":
+            _merge(cfg[k], v)
+        elif isinstance(v, dict):
+            cfg[k] = ConfigDict(v)
+        elif isinstance(v, list):
+            cfg[k] = tuple(v)
+        else:
+            try:
+                cfg[k] = v
+            except TypeError:  # a field whose type changed (e.g. None default): replace
+                del cfg[k]
+                cfg[k] = v
+
+

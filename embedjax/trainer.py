@@ -31,13 +31,43 @@ class TrainingDiverged(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- pieces
 
+def init_checkpoint(init_from: str) -> tuple[Any, int | None] | None:
+    """`init_from` naming another run's checkpoint: "WORKDIR" (its latest) or "WORKDIR@STEP" -> (workdir,
+    step); None for a pretrained model folder / hub id."""
+    from embedjax.checkpoint import as_path
+
+    path, _, step = str(init_from).partition("@")
+    if "://" not in path:
+        path = str(Path(path).absolute())
+    p = as_path(path)
+    try:
+        is_run = (p / "config.json").exists() and (p / "checkpoints").exists()
+    except Exception:  # noqa: BLE001 - e.g. a hub id that is no path at all
+        return None
+    if not is_run:
+        if step:
+            raise ValueError(f"init_from {init_from!r}: @STEP needs a training workdir (config.json + checkpoints/)")
+        return None
+    return p, (int(step) if step else None)
+
+
 def load_model(config: ConfigDict, *, weights: bool = True):
     """(ModelConfig, pretrained params or None, HF tokenizer, tokenizer folder). `weights=False` reads the
-    pretrained folder's configuration only (resume, export: the weights come from a checkpoint)."""
+    pretrained folder's configuration only (resume, export: the weights come from a checkpoint). `init_from`
+    may name another training run ("WORKDIR[@STEP]"): its model config and tokenizer, weights None (the
+    trainer restores them from that run's checkpoint)."""
+    from embedjax.config import read_workdir_config
     from embedjax.models.convert import load_folder, resolve_model_dir
     from embedjax.tokenize import load_tokenizer
 
     max_len = max(config.max_query_length, config.max_document_length)
+    run = init_checkpoint(config.init_from) if config.init_from else None
+    if run is not None:
+        cfg, _, tok, tdir = load_model(read_workdir_config(run[0]), weights=False)
+        if max_len > cfg.max_length:
+            import dataclasses
+            cfg = dataclasses.replace(cfg, max_length=max_len)
+        return cfg, None, tok, tdir
     if config.init_from:
         cfg, params, tdir, _ = load_folder(config.init_from, weights=weights)
         if max_len > cfg.max_length:
@@ -253,10 +283,20 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
             train_iter.set_state(data_state)
         log.info("resuming from %s step %d", ckpt.directory, start)
     else:
+        run = init_checkpoint(config.init_from) if config.init_from else None
+        if run is not None:   # another run's model weights (not its optimizer state), read onto this mesh
+            abstract, _ = abstract_train_state(model_cfg, loss_params, tx, mesh)
+            src = Checkpointer(run[0] / "checkpoints", read_only=True)
+            try:
+                restored, src_step = src.restore_subtree({"params": {"model": abstract.params["model"]}}, run[1])
+            finally:
+                src.close()
+            pretrained = restored["params"]["model"]
+            log.info("starting from %s step %d (model weights; fresh optimizer state, step 0)", run[0], src_step)
         state, shards = create_train_state(model_cfg, loss_params, tx, mesh, rng, pretrained=pretrained)
-        if config.init_from:
+        if config.init_from and run is None:
             log.info("starting from pretrained %s", config.init_from)
-        else:
+        elif not config.init_from:
             log.info("starting from scratch (seed %d)", config.seed)
     pretrained = None
 

@@ -36,3 +36,31 @@ def test_stop_and_resume_is_bitwise_equal(tmp_path):
     p2, o2 = _params(second)
     assert all(np.array_equal(a, b) for a, b in zip(p1, p2))
     assert all(np.array_equal(a, b) for a, b in zip(o1, o2))
+
+
+@pytest.mark.slow
+def test_init_from_another_runs_checkpoint(tmp_path):
+    """`init_from=WORKDIR[@STEP]`: another run's model weights (read onto this run's mesh), fresh optimizer."""
+    from embedjax.checkpoint import Checkpointer
+    from embedjax.trainer import train_and_evaluate
+
+    first = train_and_evaluate(load_config("configs/tiny.py", ["num_steps=4", "checkpoint_every_steps=2"]),
+                               tmp_path / "first")
+    p_first, _ = _params(first)
+
+    # latest checkpoint, on another mesh (data 4 x fsdp 2 instead of data 8); num_steps=0 keeps the start state
+    second = train_and_evaluate(load_config("configs/tiny.py", [f"init_from={tmp_path / 'first'}", "num_steps=0",
+                                                                "mesh.data=4", "mesh.fsdp=2"]), tmp_path / "second")
+    p_second, o_second = _params(second)
+    assert all(np.array_equal(a, b) for a, b in zip(p_first, p_second))
+    assert int(second["state"].step) == 0 and all(not np.any(x) for x in o_second if x.dtype.kind == "f")
+
+    # an explicit step
+    at2 = train_and_evaluate(load_config("configs/tiny.py", [f"init_from={tmp_path / 'first'}@2", "num_steps=0"]),
+                             tmp_path / "third")
+    ck = Checkpointer(tmp_path / "first" / "checkpoints", read_only=True)
+    from embedjax.checkpoint import abstract_like
+    want, _, _ = ck.restore(abstract_like(first["state"]), step=2, with_data=False)
+    ck.close()
+    for a, b in zip(jax.tree.leaves(want.params["model"]), jax.tree.leaves(at2["state"].params["model"])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -124,37 +124,12 @@ def _from_encoder(enc: Any, model_dir: Path | None) -> ExportSource:
 
 
 def _read_workdir_config(workdir: Path) -> Any:
-    from embedjax.config import base_config
+    from embedjax.config import ConfigError, read_workdir_config
 
-    path = workdir / "config.json"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(raw, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    cfg = base_config()
-    _merge(cfg, raw)
-    return cfg
-
-
-def _merge(cfg: Any, raw: dict) -> None:
-    """Overlays a config.json dict on the base config (nested ConfigDicts kept; lists become tuples)."""
-    from embedjax.config import ConfigDict
-
-    for k, v in raw.items():
-        if isinstance(v, dict) and k in cfg and isinstance(cfg[k], ConfigDict) and k != "model_config":
-            _merge(cfg[k], v)
-        elif isinstance(v, dict):
-            cfg[k] = ConfigDict(v)
-        elif isinstance(v, list):
-            cfg[k] = tuple(v)
-        else:
-            try:
-                cfg[k] = v
-            except TypeError:  # a field whose type changed (e.g. None default): replace
-                del cfg[k]
-                cfg[k] = v
+        return read_workdir_config(workdir)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
 
 
 def _training_prompt(cfg: Any) -> Prompt | None:
