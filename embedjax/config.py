@@ -27,7 +27,7 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     # model: a pretrained folder / hub id (init_from) or an architecture from scratch (model_config + tokenizer)
-    c.init_from = ""
+    c.init_from = ""                       # pretrained folder / hub id, or another run: "WORKDIR[@STEP]"
     c.model_config = ConfigDict()          # ModelConfig.to_dict() layout, used when init_from is empty
     c.tokenizer = ""                       # folder with tokenizer files (scratch models)
     c.max_query_length = 64
