@@ -44,7 +44,12 @@ class Encoder:
         self._module = DualEncoder(config)
         self._compiled: set[tuple] = set()
         self.mesh = mesh
-        self._apply = jax.jit(self._forward, static_argnames=("tower", "normalize"))
+        out_sharding = None
+        if mesh is not None and not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+            # a mesh over several processes (evaluation during multi-host training): every process feeds the
+            # same texts and reads back all embeddings, so the output is gathered (replicated)
+            out_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._apply = jax.jit(self._forward, static_argnames=("tower", "normalize"), out_shardings=out_sharding)
 
     # --------------------------------------------------------------------------------------- construction
     @classmethod

@@ -1,7 +1,7 @@
 """Many hosts, simulated by local processes (jax.distributed on 127.0.0.1, CPU devices, gloo collectives):
 
-- 2 processes x 4 devices train the tiny config to the same loss curve and final parameters as 1 process x
-  8 devices (host_order="global": the global batches do not depend on the number of hosts);
+- 2 processes x 4 devices train the tiny config to the same loss curve, final parameters and evaluation as
+  1 process x 8 devices (host_order="global": the global batches do not depend on the number of hosts);
 - with per-host data shards, hosts whose batches pad to different lengths still agree on the global batch;
   when one process dies the other exits within a bounded time naming the lost process;
 - SIGTERM to one process only: every process checkpoints at the same step and exits 0.
@@ -36,7 +36,9 @@ def _train_losses(workdir) -> dict[int, float]:
 def test_two_processes_equal_one_process(tmp_path):
     from embedjax.trainer import train_and_evaluate
 
-    overrides = ["data.host_order=global", "log_every_steps=1"]
+    # an evaluation at the end too: every process encodes, the embeddings are gathered, process 0 reports
+    overrides = ["data.host_order=global", "log_every_steps=1", "eval.before=False",
+                 "eval.tasks=('stsb:embedjax/data/shipped/stsb:test',)"]
     one = train_and_evaluate(load_config("configs/tiny.py", overrides), tmp_path / "one")
 
     procs = start_train(2, tmp_path / "two", "configs/tiny.py", overrides, devices_per_process=4,
@@ -49,6 +51,9 @@ def test_two_processes_equal_one_process(tmp_path):
     assert sorted(l1) == list(range(1, 21)) and sorted(l2) == sorted(l1)
     np.testing.assert_allclose([l2[s] for s in sorted(l1)], [l1[s] for s in sorted(l1)], rtol=0, atol=1e-6)
     assert l1[20] < l1[1]   # it trained
+    after = json.loads((tmp_path / "two" / "results.json").read_text())["after"]
+    # Spearman is rank-based: the few word-embedding entries below (~1e-5 apart) may swap a tied-close pair
+    assert after["stsb/stsb/test/spearman"] == pytest.approx(one["after"]["stsb/stsb/test/spearman"], abs=1e-4)
 
     ck = Checkpointer(tmp_path / "two" / "checkpoints", read_only=True)
     two_state, _, step = ck.restore(abstract_like(one["state"]), with_data=False)
