@@ -19,7 +19,7 @@ pytest.importorskip("seqio")
 
 from embedjax.checkpoint import Checkpointer, abstract_like  # noqa: E402
 from embedjax.config import load_config  # noqa: E402
-from multiprocess import logs, start_train, wait_all  # noqa: E402
+from _processes import logs, start_train, wait_all  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 

@@ -15,7 +15,7 @@ pytest.importorskip("seqio")
 
 from embedjax.checkpoint import Checkpointer, incomplete_checkpoints  # noqa: E402
 from embedjax.config import load_config  # noqa: E402
-from multiprocess import REPO, child_env  # noqa: E402
+from _processes import REPO, child_env  # noqa: E402
 
 OVERRIDES = ["num_steps=20", "checkpoint_every_steps=2", "log_every_steps=1"]
 
