@@ -95,6 +95,10 @@ class Checkpointer:
         if data_state is not None:
             args["data"] = ocp.args.JsonSave({"per_process": allgather_json(data_state)})
         if metrics is not None and self.best_metric and self.best_metric not in metrics:
+            if not getattr(self, "_warned_metric", False):
+                log.warning("best_metric %r is not among the evaluation's metrics (%s): checkpoints are not "
+                            "ranked", self.best_metric, ", ".join(sorted(metrics)))
+                self._warned_metric = True
             metrics = None   # an evaluation without the ranking metric does not rank
         return self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
 

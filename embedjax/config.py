@@ -149,6 +149,13 @@ def validate(cfg: ConfigDict) -> None:
                           f"{cfg.grad_cache_chunks}")
     if cfg.data.kind not in ("beir", "pairs", "stsb"):
         raise ConfigError(f"config: data.kind {cfg.data.kind!r} is not one of beir, pairs, stsb")
+    if cfg.get("keep_best_checkpoints", 0) and not cfg.get("best_metric"):
+        raise ConfigError("config: keep_best_checkpoints needs best_metric (an eval metric name, e.g. "
+                          "'beir/scifact/test/ndcg@10')")
+    if cfg.get("best_mode", "max") not in ("max", "min"):
+        raise ConfigError(f"config: best_mode must be 'max' or 'min', got {cfg.best_mode!r}")
+    if cfg.data.get("host_order", "per_host") not in ("per_host", "global"):
+        raise ConfigError(f"config: data.host_order must be 'per_host' or 'global', got {cfg.data.host_order!r}")
     dims = tuple(cfg.loss.matryoshka_dims)
     if dims and list(dims) != sorted(dims, reverse=True):
         raise ConfigError(f"config: loss.matryoshka_dims must be decreasing, got {dims}")

@@ -366,7 +366,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
                 if evaluators and config.eval.every_steps and step % config.eval.every_steps == 0 \
                         and step < config.num_steps and not stop:
                     eval_metrics = results.setdefault("during", {})[step] = evaluate("during", step)
-                if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop:
+                if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop \
+                        or (eval_metrics is not None and config.keep_best_checkpoints):
                     ckpt.save(step, state, data_state, metrics=eval_metrics)
                     last_ckpt = step
                 if stop:

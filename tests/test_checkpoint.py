@@ -166,3 +166,14 @@ def test_remote_workdir_paths_stay_remote(fake_gcs):
         if done:
             (root / "run" / "checkpoints" / str(step) / "commit_success.txt").write_text("ok")
     assert [s for s, _ in incomplete_checkpoints(workdir / "checkpoints")] == [6]
+
+
+def test_config_checks_checkpoint_and_host_order_settings():
+    from embedjax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="keep_best_checkpoints needs best_metric"):
+        load_config("configs/tiny.py", ["keep_best_checkpoints=2"])
+    with pytest.raises(ConfigError, match="data.host_order"):
+        load_config("configs/tiny.py", ["data.host_order=sometimes"])
+    cfg = load_config("configs/tiny.py", ["keep_best_checkpoints=2", "best_metric=beir/scifact/test/ndcg@10"])
+    assert cfg.best_mode == "max"

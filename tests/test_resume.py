@@ -64,3 +64,20 @@ def test_init_from_another_runs_checkpoint(tmp_path):
     ck.close()
     for a, b in zip(jax.tree.leaves(want.params["model"]), jax.tree.leaves(at2["state"].params["model"])):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_keeps_the_best_checkpoint_by_eval_metric(tmp_path):
+    from embedjax.checkpoint import Checkpointer
+    from embedjax.trainer import train_and_evaluate
+
+    metric = "stsb/stsb/test/spearman"
+    res = train_and_evaluate(load_config("configs/tiny.py", [
+        "num_steps=6", "eval.every_steps=2", "eval.before=False", "keep_checkpoints=1", "keep_best_checkpoints=1",
+        f"best_metric={metric}", "eval.tasks=('stsb:embedjax/data/shipped/stsb:test',)"]), tmp_path)
+    scores = {s: m[metric] for s, m in res["during"].items()} | {6: res["after"][metric]}
+    assert sorted(scores) == [2, 4, 6]
+    best = max(scores, key=scores.get)
+    ck = Checkpointer(tmp_path / "checkpoints", read_only=True)
+    assert sorted(ck.all_steps()) == sorted({best, 6})     # the best by the metric + the latest
+    ck.close()
