@@ -382,15 +382,18 @@ class Beir:
 
 
 def read_beir_corpus(path: str | os.PathLike, *, on_error: OnError = "raise") -> dict[str, tuple[str, str]]:
-    """``corpus.jsonl`` -> {id: (title, text)}; a repeated id is an error."""
+    """``corpus.jsonl`` -> {id: (title, text)} in file order; a repeated id is an error. Numeric ids are read as
+    strings; ``title`` may be missing or null."""
     path = Path(path)
     out: dict[str, tuple[str, str]] = {}
+    first_line: dict[str, int] = {}
 
     def parse(n: int, line: str) -> None:
         obj = _json_obj(line)
         did = _str_field(obj, "_id")
         if did in out:
-            raise _LineError(f"duplicate _id {did!r}")
+            raise _LineError(f"duplicate document id {did!r} (first on line {first_line[did]})")
+        first_line[did] = n
         out[did] = (
             _str_field(obj, "title", required=False, allow_empty=True),
             _str_field(obj, "text", allow_empty=True),
@@ -398,20 +401,22 @@ def read_beir_corpus(path: str | os.PathLike, *, on_error: OnError = "raise") ->
 
     _run_lines(path, on_error, parse)
     if not out:
-        raise DataError(f"{path}: no documents")
+        raise DataError(f"{path}: corpus is empty (no documents)")
     return out
 
 
 def read_beir_queries(path: str | os.PathLike, *, on_error: OnError = "raise") -> dict[str, str]:
-    """``queries.jsonl`` -> {id: text}."""
+    """``queries.jsonl`` -> {id: text}; a repeated id is an error."""
     path = Path(path)
     out: dict[str, str] = {}
+    first_line: dict[str, int] = {}
 
     def parse(n: int, line: str) -> None:
         obj = _json_obj(line)
         qid = _str_field(obj, "_id")
         if qid in out:
-            raise _LineError(f"duplicate _id {qid!r}")
+            raise _LineError(f"duplicate query id {qid!r} (first on line {first_line[qid]})")
+        first_line[qid] = n
         out[qid] = _str_field(obj, "text")
 
     _run_lines(path, on_error, parse)
@@ -421,24 +426,39 @@ def read_beir_queries(path: str | os.PathLike, *, on_error: OnError = "raise") -
 
 
 def read_qrels(path: str | os.PathLike, *, on_error: OnError = "raise") -> dict[str, dict[str, int]]:
-    """``qrels/{split}.tsv`` (``query-id corpus-id score``, optional header) -> {qid: {docid: grade}}."""
+    """BEIR qrels (``query-id corpus-id score``, tab-separated, optional header line) or TREC qrels (``qid iter
+    docid rel``, whitespace-separated) -> {qid: {docid: grade}}. Grades are integers ("1.0" is read as 1)."""
     path = Path(path)
+    if not path.is_file():
+        siblings = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
+        hint = f" (available splits: {', '.join(siblings)})" if siblings else ""
+        raise FileNotFoundError(f"qrels file not found: {path}{hint}")
     out: dict[str, dict[str, int]] = {}
+    seen_data = []
 
     def parse(n: int, line: str) -> None:
-        f = line.split("\t")
-        if n == 1 and f[0].strip().lower() in ("query-id", "query_id", "qid"):
-            return
-        if len(f) != 3:
-            raise _LineError(f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(f)}")
+        f = line.split("\t") if "\t" in line else line.split()
+        if len(f) == 3:
+            qid, did, grade_s = f
+        elif len(f) == 4:
+            qid, _, did, grade_s = f
+        else:
+            raise _LineError(f"expected 3 fields (query-id, corpus-id, score) or 4 (TREC), got {len(f)}")
         try:
-            grade = int(f[2])
+            grade_f = float(grade_s)
         except ValueError:
-            raise _LineError(f"score {f[2]!r} is not an integer") from None
-        out.setdefault(f[0], {})[f[1]] = grade
-        return
+            if not seen_data:   # the first line may be a header ("query-id corpus-id score")
+                seen_data.append(n)
+                return
+            raise _LineError(f"score is not an integer: {grade_s!r}") from None
+        seen_data.append(n)
+        if not grade_f.is_integer():
+            raise _LineError(f"score is not an integer: {grade_s!r}")
+        out.setdefault(qid.strip(), {})[did.strip()] = int(grade_f)
 
     _run_lines(path, on_error, parse)
+    if not out:
+        raise DataError(f"{path}: no qrels")
     return out
 
 

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from embedjax.data.sources import DataError, read_beir_corpus, read_beir_queries
+from embedjax.data.sources import read_qrels as read_beir_qrels
 from embedjax.evaluate.base import (
     EncodeFn,
     Evaluator,
@@ -56,122 +58,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_K_VALUES: tuple[int, ...] = (1, 10, 100)
 
 
-class BeirFormatError(ValueError):
-    """Malformed BEIR input; the message names the file and line."""
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-
-def read_jsonl(path: str | os.PathLike, required: Sequence[str] = ("_id",)) -> Iterator[tuple[int, dict]]:
-    """Yields ``(line_number, object)`` for each non-blank line; raises :class:`BeirFormatError` naming
-    ``file:line`` for bad JSON, a non-object line or a missing required field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BeirFormatError(f"{path}:{lineno}: malformed JSON line ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise BeirFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for key in required:
-                if key not in obj or obj[key] is None:
-                    raise BeirFormatError(f"{path}:{lineno}: missing field {key!r}")
-            yield lineno, obj
-
-
-def _text_field(obj: dict, key: str, path: Path, lineno: int) -> str:
-    value = obj.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise BeirFormatError(f"{path}:{lineno}: field {key!r} must be a string, got {type(value).__name__}")
-    return value
+# One reader for BEIR folders, shared with training (embedjax.data.sources): same formats, same errors.
+BeirFormatError = DataError
 
 
 def read_corpus(path: str | os.PathLike) -> tuple[list[str], list[str], list[str]]:
     """Reads ``corpus.jsonl`` into ``(ids, titles, texts)`` in file order. Duplicate ids are an error."""
-    path = Path(path)
-    ids: list[str] = []
-    titles: list[str] = []
-    texts: list[str] = []
-    seen: dict[str, int] = {}
-    for lineno, obj in read_jsonl(path, required=("_id",)):
-        doc_id = str(obj["_id"])
-        if doc_id in seen:
-            raise BeirFormatError(f"{path}:{lineno}: duplicate document id {doc_id!r} (first on line {seen[doc_id]})")
-        seen[doc_id] = lineno
-        ids.append(doc_id)
-        titles.append(_text_field(obj, "title", path, lineno))
-        texts.append(_text_field(obj, "text", path, lineno))
-    if not ids:
-        raise BeirFormatError(f"{path}: corpus is empty (no documents)")
-    return ids, titles, texts
+    corpus = read_beir_corpus(path)
+    return list(corpus), [t for t, _ in corpus.values()], [x for _, x in corpus.values()]
 
 
 def read_queries(path: str | os.PathLike) -> dict[str, str]:
     """Reads ``queries.jsonl`` into ``{query_id: text}``. Duplicate ids are an error."""
-    path = Path(path)
-    queries: dict[str, str] = {}
-    lines: dict[str, int] = {}
-    for lineno, obj in read_jsonl(path, required=("_id", "text")):
-        qid = str(obj["_id"])
-        if qid in queries:
-            raise BeirFormatError(f"{path}:{lineno}: duplicate query id {qid!r} (first on line {lines[qid]})")
-        lines[qid] = lineno
-        queries[qid] = _text_field(obj, "text", path, lineno)
-    if not queries:
-        raise BeirFormatError(f"{path}: no queries")
-    return queries
+    return read_beir_queries(path)
 
 
 def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     """Reads BEIR qrels (``query-id corpus-id score``, tab-separated, header line) or TREC qrels
     (``qid iter docid rel``, whitespace-separated) into ``{query_id: {doc_id: grade}}``."""
-    path = Path(path)
-    if not path.is_file():
-        siblings = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
-        hint = f" (available splits: {', '.join(siblings)})" if siblings else ""
-        raise FileNotFoundError(f"qrels file not found: {path}{hint}")
-    qrels: dict[str, dict[str, int]] = {}
-    first = True  # only the first non-blank line may be a header
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t") if "\t" in line else line.split()
-            if len(fields) == 3:
-                qid, did, grade_s = fields
-            elif len(fields) == 4:
-                qid, _, did, grade_s = fields
-            else:
-                raise BeirFormatError(
-                    f"{path}:{lineno}: expected 3 fields (query-id, corpus-id, score) or 4 (TREC), got {len(fields)}"
-                )
-            try:
-                grade = int(grade_s)
-            except ValueError:
-                try:
-                    grade_f = float(grade_s)
-                except ValueError:
-                    if first:
-                        first = False
-                        continue  # header line ("query-id corpus-id score")
-                    raise BeirFormatError(f"{path}:{lineno}: score is not an integer: {grade_s!r}") from None
-                if not grade_f.is_integer():
-                    raise BeirFormatError(f"{path}:{lineno}: score is not an integer: {grade_s!r}") from None
-                grade = int(grade_f)
-            first = False
-            qrels.setdefault(qid.strip(), {})[did.strip()] = grade
-    if not qrels:
-        raise BeirFormatError(f"{path}: no qrels")
-    return qrels
+    return read_beir_qrels(path)
 
 
 @dataclass

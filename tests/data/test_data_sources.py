@@ -151,5 +151,5 @@ def test_beir_unknown_ids(tmp_path, shipped):
     ex, st = sources.beir_pairs(d, "train", on_error="skip")
     assert len(ex) == 1 and st.skipped == 2
     (d / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\n")
-    with pytest.raises(DataError, match=r"train.tsv:2: expected 3 tab-separated fields"):
+    with pytest.raises(DataError, match=r"train.tsv:2: expected 3 fields"):
         sources.beir_pairs(d, "train")

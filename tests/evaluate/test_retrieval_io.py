@@ -68,7 +68,7 @@ def test_malformed_json_line(beir_dir):
     lines = (beir_dir / "corpus.jsonl").read_text().splitlines()
     lines[2] = lines[2][:-5]  # cut the closing part of line 3
     (beir_dir / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(BeirFormatError, match=r"corpus\.jsonl:3: malformed JSON line"):
+    with pytest.raises(BeirFormatError, match=r"corpus\.jsonl:3: not valid JSON"):
         BeirData.load(beir_dir)
 
 
