@@ -41,7 +41,6 @@ def scifact_pairs(n: int) -> tuple[list[str], list[str]]:
 
 def bench_embedjax(model_dir: str, batches, max_len: int) -> float:
     import jax
-    import numpy as np
 
     from embedjax import sharding
     from embedjax.encoder import Encoder

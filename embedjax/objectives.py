@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 
 from embedjax import losses

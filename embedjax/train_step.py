@@ -8,7 +8,6 @@ Batch layout (global arrays, leading dim sharded over the data axes):
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax

@@ -7,7 +7,6 @@ import pytest
 pytest.importorskip("seqio")
 
 from embedjax.config import load_config  # noqa: E402
-from embedjax.data.sources import shipped_path  # noqa: E402
 
 
 def _losses(workdir):
