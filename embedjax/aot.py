@@ -220,13 +220,6 @@ def model_config_from(config) -> Any:
     return cfg
 
 
-def abstract_train_state(model_cfg, loss_params: dict, tx, mesh):
-    """(abstract TrainState carrying shardings, TrainState of shardings): what the trainer builds, unallocated."""
-    from embedjax.train_step import abstract_train_state as build
-
-    return build(model_cfg, loss_params, tx, mesh)
-
-
 def abstract_batch(config, mesh) -> dict:
     """The largest-bucket global batch the input pipeline feeds the step (BucketFeatureConverter's keys)."""
     import jax
@@ -389,7 +382,7 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
     from embedjax import sharding
     from embedjax.objectives import make_objective
     from embedjax.optim import make_optimizer, schedule
-    from embedjax.train_step import jit_train_step, make_train_step
+    from embedjax.train_step import abstract_train_state, jit_train_step, make_train_step
 
     model_cfg = model_config_from(config)
     libtpu_error = None
@@ -416,7 +409,7 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
 
     objective, loss_params = make_objective(config.loss)
     tx = make_optimizer(dict(config.optim), config.num_steps)
-    state, shards = abstract_train_state(model_cfg, loss_params, tx, mesh)
+    state, shards = abstract_train_state(model_cfg, loss_params, tx, mesh)   # train_step's, nothing allocated
     batch = abstract_batch(config, mesh)
     est = {"params": per_device_bytes(state.params), "opt_state": per_device_bytes(state.opt_state),
            "batch": per_device_bytes(batch), "activations": activation_estimate(model_cfg, config, mesh)}

@@ -78,6 +78,7 @@ class Checkpointer:
             create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
             preservation_policy=cm.AnyPreservationPolicy(policies) if len(policies) > 1 else policies[0])
         self.best_metric = best_metric
+        self._warned_metric = False
         self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
     def latest_step(self) -> int | None:
@@ -95,7 +96,7 @@ class Checkpointer:
         if data_state is not None:
             args["data"] = ocp.args.JsonSave({"per_process": allgather_json(data_state)})
         if metrics is not None and self.best_metric and self.best_metric not in metrics:
-            if not getattr(self, "_warned_metric", False):
+            if not self._warned_metric:
                 log.warning("best_metric %r is not among the evaluation's metrics (%s): checkpoints are not "
                             "ranked", self.best_metric, ", ".join(sorted(metrics)))
                 self._warned_metric = True

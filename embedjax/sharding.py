@@ -160,11 +160,6 @@ def agree_padding(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """Inside jit: keep the leading dim sharded over the data axes (needs an active mesh context)."""
-    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
-
-
 def shard_activations(x: jax.Array) -> jax.Array:
     """Models call this on their [B, ...] activations: under a mesh with embedjax's axes (`jax.set_mesh`, what
     the trainer does) the batch dim stays sharded over the data axes, so XLA does not replicate activations

@@ -64,7 +64,7 @@ def test_abstract_state_matches_create_train_state():
     from embedjax import sharding
     from embedjax.objectives import make_objective
     from embedjax.optim import make_optimizer
-    from embedjax.train_step import create_train_state
+    from embedjax.train_step import abstract_train_state, create_train_state
 
     cfg = load_config(TINY, ["mesh.data=2", "mesh.fsdp=4"])
     model_cfg = aot.model_config_from(cfg)
@@ -72,7 +72,7 @@ def test_abstract_state_matches_create_train_state():
     _, loss_params = make_objective(cfg.loss)
     tx = make_optimizer(dict(cfg.optim), cfg.num_steps)
     state, _ = create_train_state(model_cfg, loss_params, tx, mesh, jax.random.key(0))
-    abstract, _ = aot.abstract_train_state(model_cfg, loss_params, tx, mesh)
+    abstract, _ = abstract_train_state(model_cfg, loss_params, tx, mesh)
     real_leaves, real_def = jax.tree.flatten(state)
     abs_leaves, abs_def = jax.tree.flatten(abstract)
     assert real_def == abs_def
