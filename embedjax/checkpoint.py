@@ -108,9 +108,7 @@ class Checkpointer:
         """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs with .sharding), on any
         mesh. `with_data=False` skips the data-iterator state (export, evaluation)."""
         ocp = self._ocp
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        step = self._pick(step)
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if with_data and (self.directory / str(step) / "data").exists():
             args["data"] = ocp.args.JsonRestore()
@@ -124,14 +122,24 @@ class Checkpointer:
         """Restores only the leaves named by `abstract_subtree` (e.g. {"params": {"model": ...}}, no optimizer
         state): the other arrays of the checkpoint are not read."""
         ocp = self._ocp
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        step = self._pick(step)
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                                                    dtype=a.dtype), abstract_subtree)
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=abstract_subtree, restore_args=restore_args, partial_restore=True)))
         return out["state"], step
+
+    def _pick(self, step: int | None) -> int:
+        """`step`, or the latest; a clear error when there is no such complete checkpoint."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        if step is None:
+            return max(steps)
+        if step not in steps:
+            raise FileNotFoundError(f"{self.directory}: no complete checkpoint at step {step} "
+                                    f"(complete steps: {', '.join(map(str, sorted(steps)))})")
+        return step
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -48,6 +48,8 @@ def init_checkpoint(init_from: str) -> tuple[Any, int | None] | None:
         if step:
             raise ValueError(f"init_from {init_from!r}: @STEP needs a training workdir (config.json + checkpoints/)")
         return None
+    if step and not step.isdigit():
+        raise ValueError(f"init_from {init_from!r}: the part after @ must be a step number")
     return p, (int(step) if step else None)
 
 

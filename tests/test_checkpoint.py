@@ -177,3 +177,18 @@ def test_config_checks_checkpoint_and_host_order_settings():
         load_config("configs/tiny.py", ["data.host_order=sometimes"])
     cfg = load_config("configs/tiny.py", ["keep_best_checkpoints=2", "best_metric=beir/scifact/test/ndcg@10"])
     assert cfg.best_mode == "max"
+
+
+def test_missing_step_and_bad_init_from_are_one_line_errors(tmp_path):
+    from embedjax.trainer import init_checkpoint
+
+    ck = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ck.save(2, _state())
+    ck.close()
+    (tmp_path / "config.json").write_text("{}")
+    ck = Checkpointer(tmp_path / "checkpoints", read_only=True)
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint at step 7 \(complete steps: 2\)"):
+        ck.restore(abstract_like(_state()), step=7)
+    with pytest.raises(ValueError, match="the part after @ must be a step number"):
+        init_checkpoint(f"{tmp_path}@latest")
+    assert init_checkpoint(f"{tmp_path}@2")[1] == 2
