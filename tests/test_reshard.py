@@ -37,7 +37,10 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path_factory, mesh, n_devices
     res = train_and_evaluate(load_config("configs/tiny.py", overrides), workdir,
                              devices=jax.devices()[:n_devices])
     assert sorted(_train_losses(workdir)) == [5]   # resumed at step 4, trained step 5 only
-    assert abs(_train_losses(workdir)[5] - expected) <= 1e-6
+    # Same data and weights on another mesh: only the order of float32 reductions (gradient all-reduce, the
+    # loss's sums over the global batch) changes, a few ulps of a loss of ~2.5, so the bound is relative to the
+    # loss (rtol 4e-6 ~ 32 ulps), not an absolute number that a larger loss would outgrow.
+    assert _train_losses(workdir)[5] == pytest.approx(expected, rel=4e-6, abs=0)
 
     # the restored state lives on the new mesh, sharded as its rules say (not gathered anywhere)
     params = res["state"].params["model"]["tower"]["encoder"]

