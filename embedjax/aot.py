@@ -436,19 +436,25 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
     step = jit_train_step(make_train_step(model_cfg, objective, tx, grad_cache_chunks=config.grad_cache_chunks,
                                           lr_schedule=lr), shards, mesh)
     t0 = time.time()
-    with jax.set_mesh(mesh):
-        lowered = step.lower(state, batch)
-        try:
+    # never through the persistent compilation cache: compile-only (TPU topology) executables cannot be
+    # serialized, and one read back from the cache need not carry the memory statistics reported here
+    cache_was_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with jax.set_mesh(mesh):
+            lowered = step.lower(state, batch)
             compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            msg = str(e).strip().splitlines()[0]
-            if "RESOURCE_EXHAUSTED" not in msg:
-                raise
-            report.compile_seconds = time.time() - t0
-            report.method = "compiled"
-            report.compiler_oom = msg
-            report.oom_required_bytes = parse_oom_bytes(msg)
-            return report
+    except jax.errors.JaxRuntimeError as e:
+        msg = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in msg:
+            raise
+        report.compile_seconds = time.time() - t0
+        report.method = "compiled"
+        report.compiler_oom = msg
+        report.oom_required_bytes = parse_oom_bytes(msg)
+        return report
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was_on)
     report.compile_seconds = time.time() - t0
     report.method = "compiled"
     report.compiled = compiled_memory(compiled)
@@ -531,7 +537,6 @@ def run(args: argparse.Namespace) -> int:
         jax.config.update("jax_platforms", "cpu")
         if target.platform == "cpu" and "device_count" not in os.environ.get("XLA_FLAGS", ""):
             jax.config.update("jax_num_cpu_devices", target.num_devices)
-    jax.config.update("jax_enable_compilation_cache", False)   # compile-only executables are not cacheable
     from embedjax.config import load_config
 
     overrides = list(args.overrides) + list(getattr(args, "config_overrides", []) or [])

@@ -23,7 +23,7 @@ def free_port() -> int:
 def child_env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               EMBEDJAX_COMPILATION_CACHE="0", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2",
+               HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 

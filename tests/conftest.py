@@ -5,7 +5,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # libtpu (for the AOT tests) is installed but there is no TPU
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("EMBEDJAX_COMPILATION_CACHE", "0")
+# One persistent XLA compilation cache per test session (fresh, so every program is still compiled once by
+# this run): the many tiny trainings of one config compile the same train step, in this process and in the
+# `embedjax train` subprocesses, and the CLI uses such a cache by default anyway (~/.cache/embedjax/xla).
+if "EMBEDJAX_COMPILATION_CACHE" not in os.environ:
+    import tempfile as _tempfile
+    os.environ["EMBEDJAX_COMPILATION_CACHE"] = _XLA_CACHE = _tempfile.mkdtemp(prefix="embedjax_test_xla_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["EMBEDJAX_COMPILATION_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 from pathlib import Path  # noqa: E402
 
@@ -94,3 +101,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("CI") and _skips(session) and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config):
+    if "_XLA_CACHE" in globals():
+        import shutil
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Hard-negative mining: positives never come back as negatives, the positive-aware margin filter, the output
-is readable by the pipeline; `embedjax mine` end to end on SciFact train."""
+is readable by the pipeline; `embedjax mine` end to end with all-MiniLM-L6-v2 on a slice of SciFact train."""
 
 from __future__ import annotations
 
@@ -153,34 +153,45 @@ def test_cli_parser():
         mining.run(args)
 
 
-def test_mine_scifact_train_end_to_end(tmp_path, shipped, tiny_bert_dir):
-    """`embedjax mine` end to end on SciFact train (5183 docs, 919 pairs): model folder -> encode -> search ->
-    filters -> triplets the pipeline reads. The claims are about the mining plumbing, not a model's quality, so
-    the model is the tiny random BERT with MiniLM's tokenizer (seconds, where all-MiniLM-L6-v2 took minutes)."""
+def _scifact_train_slice(src, dst, n_queries: int, n_distractors: int, seed: int = 0):
+    """A BEIR folder with SciFact's first `n_queries` train queries, their positives, and random distractors."""
+    import random
+
+    rows = (src / "qrels" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    qrels = [r.split("\t") for r in rows[1:] if r.strip()]
+    keep_q = list(dict.fromkeys(q for q, _, _ in qrels))[:n_queries]
+    positives = {d for q, d, _ in qrels if q in keep_q}
+    corpus = [json.loads(x) for x in (src / "corpus.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    others = sorted(c["_id"] for c in corpus if c["_id"] not in positives)
+    keep_d = positives | set(random.Random(seed).sample(others, n_distractors))
+    (dst / "qrels").mkdir(parents=True)
+    (dst / "qrels" / "train.tsv").write_text(
+        "\n".join([rows[0]] + ["\t".join(r) for r in qrels if r[0] in keep_q]) + "\n", encoding="utf-8")
+    write_jsonl(dst / "queries.jsonl", [x for x in (src / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+                                        if x.strip() and json.loads(x)["_id"] in keep_q])
+    write_jsonl(dst / "corpus.jsonl", [c for c in corpus if c["_id"] in keep_d])
+    return dst
+
+
+@pytest.mark.slow
+def test_mine_scifact_train_with_minilm(tmp_path, shipped, minilm_dir):
+    """`embedjax mine` end to end with all-MiniLM-L6-v2 on a slice of SciFact train (its first 200 queries, their
+    positives and 800 other abstracts; documents cut at 128 tokens): model folder -> encode -> search -> filters ->
+    triplets the pipeline reads. A real model, because "nearly every pair gets its negatives below the margin"
+    needs scores that mean something (a random model scores every abstract alike and the margin drops them all);
+    a slice, because the claim is about mining, and the whole corpus took minutes to embed on 2 cores."""
+    data = _scifact_train_slice(shipped / "scifact", tmp_path / "scifact_slice", 200, 800)
     out = tmp_path / "scifact_triplets.jsonl"
     parser = argparse.ArgumentParser()
     mining.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        [
-            "mine",
-            "--model",
-            str(tiny_bert_dir),
-            "--data",
-            str(shipped / "scifact"),
-            "--output",
-            str(out),
-            "--negatives",
-            "8",
-            "--candidates",
-            "50",
-            "--max-length",
-            "128",
-        ]
-    )
+    args = parser.parse_args(["mine", "--model", str(minilm_dir), "--data", str(data), "--output", str(out),
+                              "--negatives", "8", "--candidates", "50", "--max-length", "128"])
     assert mining.run(args) == 0
-    beir = sources.read_beir(shipped / "scifact", ("train",))
+    beir = sources.read_beir(data, ("train",))
+    n_pairs = sum(len(v) for v in beir.qrels["train"].values())
+    assert len(beir.queries) == 200 and n_pairs >= 200
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 919
+    assert len(rows) == n_pairs
     n_neg = 0
     for r in rows:
         positives = set(beir.qrels["train"][r["query_id"]])
@@ -190,6 +201,6 @@ def test_mine_scifact_train_end_to_end(tmp_path, shipped, tiny_bert_dir):
         assert not pos_texts & {sources.doc_text(n["title"], n["text"]) for n in r["negatives"]}
         assert all(s <= 0.95 * r["scores"][0] + 1e-5 for s in r["scores"][1:])
         n_neg += len(r["negatives"])
-    assert n_neg > 0.9 * 8 * 919  # nearly every pair got its 8 negatives
+    assert n_neg > 0.9 * 8 * n_pairs  # nearly every pair got its 8 negatives
     ex, st = sources.read_pairs(out)
-    assert len(ex) == 919 and st.skipped == 0
+    assert len(ex) == n_pairs and st.skipped == 0
