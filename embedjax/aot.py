@@ -7,7 +7,7 @@ per-device memory, so sharding and batch size are checked before a pod is rented
 How: `jax.experimental.topologies.get_topology_desc` (needs libtpu: `pip install 'jax[tpu]'`) gives compile-only
 devices of the target slice; the mesh, parameter / optimizer-state / batch shardings and the jitted step are
 built exactly as `train_and_evaluate` builds them, from abstract arrays (`jax.eval_shape`, nothing is allocated),
-then `jit(step).lower(abstract_state, abstract_batch).compile().memory_analysis()`.
+then `jit(step).lower(abstract_state, batch_spec(config, mesh)).compile().memory_analysis()`.
 
 Without libtpu (or with `--estimate-only`) it falls back to the abstract estimate: per-device bytes of params,
 gradients, optimizer state and batch from the shardings, plus an analytic activation estimate.
@@ -220,27 +220,6 @@ def model_config_from(config) -> Any:
     return cfg
 
 
-def abstract_batch(config, mesh) -> dict:
-    """The largest-bucket global batch the input pipeline feeds the step (BucketFeatureConverter's keys)."""
-    import jax
-    import jax.numpy as jnp
-
-    from embedjax import sharding
-
-    B, K = int(config.batch_size), int(config.data.num_negatives)
-    Lq, Ld = int(config.max_query_length), int(config.max_document_length)
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
-        "query_ids": ((B, Lq), jnp.int32), "query_mask": ((B, Lq), jnp.int32),
-        "positive_ids": ((B, Ld), jnp.int32), "positive_mask": ((B, Ld), jnp.int32),
-    }
-    if K:
-        shapes.update(negative_ids=((B, K, Ld), jnp.int32), negative_mask=((B, K, Ld), jnp.int32),
-                      negative_valid=((B, K), jnp.bool_), negative_index=((B, K), jnp.int32))
-    shapes.update(scores=((B, 1 + K), jnp.float32), scores_valid=((B, 1 + K), jnp.bool_),
-                  task_id=((B,), jnp.int32), example_idx=((B,), jnp.int32))
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}
-
-
 def per_device_bytes(tree: Any) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
     import jax
@@ -380,6 +359,7 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
     import jax
 
     from embedjax import sharding
+    from embedjax.data.pipeline import batch_spec
     from embedjax.objectives import make_objective
     from embedjax.optim import make_optimizer, schedule
     from embedjax.train_step import abstract_train_state, jit_train_step, make_train_step
@@ -407,10 +387,10 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
         raise AotError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel devices of "
                        f"mesh {dict(mesh.shape)} on {target.name}")
 
-    objective, loss_params = make_objective(config.loss)
+    objective, loss_params = make_objective(config.loss, mesh)
     tx = make_optimizer(dict(config.optim), config.num_steps)
     state, shards = abstract_train_state(model_cfg, loss_params, tx, mesh)   # train_step's, nothing allocated
-    batch = abstract_batch(config, mesh)
+    batch = batch_spec(config, mesh)
     est = {"params": per_device_bytes(state.params), "opt_state": per_device_bytes(state.opt_state),
            "batch": per_device_bytes(batch), "activations": activation_estimate(model_cfg, config, mesh)}
     est["grads"] = est["params"]

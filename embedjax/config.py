@@ -22,6 +22,27 @@ class ConfigError(ValueError):
     pass
 
 
+# ------------------------------------------------------------------------------------------ registries
+# Every config key that names a choice, with the names the code implements. `validate` checks a config against
+# these (and against the keys of `base_config`) before anything is written to a workdir; tests check that each
+# registry matches its implementation (objectives.OBJECTIVES, optim, the data kinds, the evaluators).
+LOSS_NAMES: tuple[str, ...] = ("in_batch_softmax", "in_batch_softmax_sharded", "sigmoid", "sigmoid_sharded",
+                               "cosent", "angle", "distill_kl", "margin_mse")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss.name": LOSS_NAMES,
+    "optim.name": ("adamw", "adafactor"),
+    "optim.decay": ("linear", "cosine", "constant"),
+    "data.kind": ("beir", "pairs", "stsb"),
+    "data.on_error": ("raise", "skip"),
+    "data.host_order": ("per_host", "global"),
+    "best_mode": ("max", "min"),
+}
+EVAL_KINDS: tuple[str, ...] = ("beir", "stsb")
+# Losses that need something of the data: scored pairs, or hard negatives with teacher scores.
+_NEEDS_SCORES = {"cosent": "data.kind='stsb' (scored pairs)", "angle": "data.kind='stsb' (scored pairs)"}
+_NEEDS_NEGATIVES = ("distill_kl", "margin_mse")
+
+
 def base_config() -> ConfigDict:
     """Every key a training config may set, with defaults. Configs start from this."""
     c = ConfigDict()
@@ -47,13 +68,16 @@ def base_config() -> ConfigDict:
     c.num_steps = 100
     # loss
     c.loss = ConfigDict()
-    c.loss.name = "in_batch_softmax"       # in_batch_softmax | sigmoid | cosent | angle
+    c.loss.name = "in_batch_softmax"       # one of LOSS_NAMES (see embedjax/objectives.py for each)
     c.loss.temperature = 0.05
     c.loss.learn_temperature = False
     c.loss.bidirectional = True
     c.loss.same_tower = False
     c.loss.margin = 0.0
-    c.loss.scale = 20.0                    # cosent / angle
+    c.loss.scale = 20.0                    # cosent / angle; margin_mse: cosine -> the teacher's score range
+    c.loss.sigmoid_t = 10.0                # sigmoid / sigmoid_sharded: initial t (learned, as log t)
+    c.loss.sigmoid_b = -10.0               # sigmoid / sigmoid_sharded: initial bias (learned)
+    c.loss.teacher_temperature = 1.0       # distill_kl: softmax temperature of the teacher's scores
     c.loss.matryoshka_dims = ()
     c.loss.matryoshka_weights = ()
     # optimizer
@@ -139,7 +163,57 @@ def apply_override(cfg: ConfigDict, override: str) -> None:
         raise ConfigError(f"override {override!r}: {e}") from e
 
 
+def _unknown_keys(cfg: Any, ref: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(dotted key, the keys known at that level) for every key of `cfg` that `ref` (the base config) lacks.
+    model_config is free-form here (ModelConfig.from_dict checks it)."""
+    out = []
+    for k in cfg.keys():
+        key = f"{prefix}{k}"
+        if k not in ref:
+            out.append((key, sorted(ref.keys())))
+        elif key != "model_config" and isinstance(ref[k], ConfigDict):
+            sub = cfg[k]
+            if isinstance(sub, (ConfigDict, dict)):
+                out += _unknown_keys(ConfigDict(sub) if isinstance(sub, dict) else sub, ref[k], key + ".")
+    return out
+
+
+def _get(cfg: ConfigDict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def validate(cfg: ConfigDict) -> None:
+    """Checks every key and every named choice of a config (one line naming the key and what is valid);
+    nothing is written anywhere before this passes."""
+    unknown = _unknown_keys(cfg, base_config())
+    if unknown:
+        key, known = unknown[0]
+        parent = key.rpartition(".")[0]
+        raise ConfigError(f"config: unknown key {key!r}; known keys{' under ' + repr(parent) if parent else ''}: "
+                          f"{', '.join(known)}")
+    for key, names in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in names:
+            raise ConfigError(f"config: {key} {value!r} is not one of {', '.join(names)}")
+    for spec in cfg.eval.tasks:
+        kind, _, rest = str(spec).partition(":")
+        if kind not in EVAL_KINDS or not rest.partition(":")[0]:
+            raise ConfigError(f"config: eval.tasks entry {spec!r}: expected KIND:PATH[:SPLIT] with KIND one of "
+                              f"{', '.join(EVAL_KINDS)}")
+    name = cfg.loss.name
+    if name in _NEEDS_SCORES and cfg.data.kind != "stsb":
+        raise ConfigError(f"config: loss.name {name!r} needs {_NEEDS_SCORES[name]}, got data.kind "
+                          f"{cfg.data.kind!r}")
+    if name in _NEEDS_NEGATIVES and cfg.data.num_negatives < 1:
+        raise ConfigError(f"config: loss.name {name!r} distils teacher scores of each query's positive and hard "
+                          "negatives: set data.num_negatives >= 1 (and data with 'scores')")
+    if name in ("cosent", "angle", "distill_kl", "margin_mse") and cfg.loss.learn_temperature:
+        raise ConfigError(f"config: loss.learn_temperature is not used by loss.name {name!r}")
+    if cfg.loss.teacher_temperature <= 0 or cfg.loss.temperature <= 0 or cfg.loss.sigmoid_t <= 0:
+        raise ConfigError("config: loss.temperature, loss.teacher_temperature and loss.sigmoid_t must be > 0")
     if not cfg.init_from and not cfg.model_config:
         raise ConfigError("config: set init_from (a pretrained model) or model_config (from scratch)")
     if cfg.batch_size < 1 or cfg.num_steps < 0:
@@ -147,15 +221,9 @@ def validate(cfg: ConfigDict) -> None:
     if cfg.grad_cache_chunks and cfg.batch_size % cfg.grad_cache_chunks:
         raise ConfigError(f"config: batch_size {cfg.batch_size} is not divisible by grad_cache_chunks "
                           f"{cfg.grad_cache_chunks}")
-    if cfg.data.kind not in ("beir", "pairs", "stsb"):
-        raise ConfigError(f"config: data.kind {cfg.data.kind!r} is not one of beir, pairs, stsb")
     if cfg.get("keep_best_checkpoints", 0) and not cfg.get("best_metric"):
         raise ConfigError("config: keep_best_checkpoints needs best_metric (an eval metric name, e.g. "
                           "'beir/scifact/test/ndcg@10')")
-    if cfg.get("best_mode", "max") not in ("max", "min"):
-        raise ConfigError(f"config: best_mode must be 'max' or 'min', got {cfg.best_mode!r}")
-    if cfg.data.get("host_order", "per_host") not in ("per_host", "global"):
-        raise ConfigError(f"config: data.host_order must be 'per_host' or 'global', got {cfg.data.host_order!r}")
     dims = tuple(cfg.loss.matryoshka_dims)
     if dims and list(dims) != sorted(dims, reverse=True):
         raise ConfigError(f"config: loss.matryoshka_dims must be decreasing, got {dims}")

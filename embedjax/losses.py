@@ -36,11 +36,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from embedjax import sharding
+
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
-"""Mesh axes the batch is sharded over (see ``embedjax/sharding.py``)."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -86,7 +86,9 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
-def _as_axes(axis_names: str | Sequence[str]) -> tuple[str, ...]:
+def _as_axes(axis_names: str | Sequence[str] | None) -> tuple[str, ...]:
+    if axis_names is None:   # the batch axes of embedjax.sharding, the one module that names mesh axes
+        return tuple(sharding.BATCH_AXES)
     return (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
 
 
@@ -240,12 +242,14 @@ def in_batch_softmax(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any,
 
 
 def in_batch_softmax_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any, mesh: Mesh,
-                             axis_names: str | Sequence[str] = BATCH_AXES,
+                             axis_names: str | Sequence[str] | None = None,
                              hard_negatives_BxKxD: jax.Array | None = None, bidirectional: bool = True,
-                             same_tower: bool = False, margin: float = 0.0) -> tuple[jax.Array, Metrics]:
-    """:func:`in_batch_softmax` as a ``shard_map``: documents (and hard negatives, and queries when needed)
-    are all-gathered over ``axis_names`` and each device computes only its own ``b`` rows of the logits;
-    the per-row losses are ``psum``-ed. Same value and gradients as the dense form.
+                             same_tower: bool = False, margin: float = 0.0,
+                             hard_negatives_valid_BxK: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+    """:func:`in_batch_softmax` as a ``shard_map``: documents (and hard negatives with their validity, and
+    queries when needed) are all-gathered over ``axis_names`` (default: the mesh axes the batch is sharded
+    over, ``embedjax.sharding.BATCH_AXES``) and each device computes only its own ``b`` rows of the logits; the
+    per-row losses are ``psum``-ed. Same value and gradients as the dense form.
     """
     fn = "in_batch_softmax_sharded"
     _in_batch_validate(fn, q_BxD, d_BxD, temperature, hard_negatives_BxKxD, margin)
@@ -254,15 +258,17 @@ def in_batch_softmax_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature:
     _ring_size(fn, mesh, axes, B)
     margin = float(margin)
     with_hn = hard_negatives_BxKxD is not None
+    with_valid = with_hn and hard_negatives_valid_BxK is not None
 
     def body(q_bxD, d_bxD, temp, *hn):
         b = q_bxD.shape[0]
         d_all = jax.lax.all_gather(d_bxD, axes, tiled=True)
         q_all = jax.lax.all_gather(q_bxD, axes, tiled=True) if (bidirectional or same_tower) else None
         hn_all = jax.lax.all_gather(hn[0].reshape(-1, D), axes, tiled=True) if with_hn else None
+        valid_all = jax.lax.all_gather(hn[1].reshape(-1), axes, tiled=True) if with_valid else None
         sums = _in_batch_sums(q_bxD, d_bxD, q_all, d_all, hn_all, row_offset=jax.lax.axis_index(axes) * b,
                               temperature=temp, bidirectional=bidirectional, same_tower=same_tower,
-                              margin=margin)
+                              margin=margin, hn_valid_N=valid_all)
         return _in_batch_finish(jax.lax.psum(sums, axes), B, temp)
 
     args = [_float(q_BxD), _float(d_BxD), _float(temperature)]
@@ -270,6 +276,9 @@ def in_batch_softmax_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature:
     if with_hn:
         args.append(_float(hard_negatives_BxKxD))
         specs.append(P(axes, None, None))
+    if with_valid:
+        args.append(jnp.asarray(hard_negatives_valid_BxK).astype(bool))
+        specs.append(P(axes, None))
     return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
 
 
@@ -370,7 +379,7 @@ _ring_sigmoid.defvjp(_ring_sigmoid_fwd, _ring_sigmoid_bwd)
 
 
 def sigmoid_loss_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, t: Any, b: Any, mesh: Mesh,
-                         axis_names: str | Sequence[str] = BATCH_AXES) -> tuple[jax.Array, Metrics]:
+                         axis_names: str | Sequence[str] | None = None) -> tuple[jax.Array, Metrics]:
     """:func:`sigmoid_loss` as a ``shard_map`` ring (SigLIP section 3.1): queries stay put, document shards
     rotate around the devices of ``axis_names`` with ``ppermute``, and a custom VJP rotates them again
     for the gradients. No device ever holds more than one ``b x b`` logits block or the full global
@@ -502,11 +511,14 @@ def distill_kl(student_logits_BxN: jax.Array, teacher_scores_BxN: jax.Array, *, 
 
 
 def margin_mse(q_BxD: jax.Array, pos_BxD: jax.Array, neg_BxD: jax.Array, teacher_pos_B: jax.Array,
-               teacher_neg_B: jax.Array, *, scale: float = 1.0) -> tuple[jax.Array, Metrics]:
+               teacher_neg_B: jax.Array, *, scale: float = 1.0,
+               valid: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
     """MarginMSE (Hofstätter et al., arXiv 2010.02666): the student's margin
     ``scale * (<q, pos> - <q, neg>)`` regresses onto the teacher's ``teacher_pos - teacher_neg``.
     ``neg`` may carry ``K`` negatives per query (``neg_BxKxD`` with ``teacher_neg_BxK``); ``scale``
     brings cosine similarities to the range of the teacher's scores.
+    ``valid`` (bool, the shape of ``teacher_neg``) keeps only the (query, negative) pairs that exist (padding
+    slots of rows with fewer negatives, or without teacher scores, are left out of the mean).
 
     Metrics: ``accuracy`` (student scores the positive above the negative), ``student_margin``,
     ``teacher_margin``.
@@ -531,9 +543,19 @@ def margin_mse(q_BxD: jax.Array, pos_BxD: jax.Array, neg_BxD: jax.Array, teacher
     tp, tn = (jax.lax.stop_gradient(_float(x)) for x in (teacher_pos_B, teacher_neg_B))
     t_margin = (tp[:, None] if multi else tp) - tn
     s_margin = s_pos - s_neg
-    return jnp.mean(jnp.square(s_margin - t_margin)), {
-        "accuracy": jnp.mean((s_margin > 0).astype(jnp.float32)),
-        "student_margin": jnp.mean(s_margin), "teacher_margin": jnp.mean(t_margin)}
+    if valid is None:
+        w = jnp.ones(s_margin.shape, jnp.float32)
+    else:
+        if tuple(valid.shape) != tuple(s_margin.shape):
+            raise _err(fn, f"valid must have shape {tuple(s_margin.shape)}, got {tuple(valid.shape)}")
+        w = jnp.asarray(valid).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+
+    def mean(x):
+        return jnp.sum(w * x) / n
+    return mean(jnp.square(s_margin - t_margin)), {
+        "accuracy": mean((s_margin > 0).astype(jnp.float32)),
+        "student_margin": mean(s_margin), "teacher_margin": mean(t_margin)}
 
 
 # ------------------------------------------------------------------------------------------- Matryoshka

@@ -66,6 +66,11 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[Any] |
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
+def single_device_mesh(device: Any = None) -> Mesh:
+    """A mesh of one device (every axis of size 1): this host's first device by default."""
+    return make_mesh({a: 1 for a in MESH_AXES}, devices=[device or jax.local_devices()[0]])
+
+
 def _rules_dict(rules: Iterable[tuple[str, Any]]) -> dict[str, Any]:
     return dict(rules)
 

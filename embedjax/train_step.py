@@ -1,10 +1,7 @@
 """The jitted training step: pure, donated state, device-side metrics, optional gradient caching.
 
-Batch layout (global arrays, leading dim sharded over the data axes):
-  query_ids / query_mask        [B, Lq] int32
-  positive_ids / positive_mask  [B, Ld] int32   (the positive documents)
-  negative_ids / negative_mask  [B, K, Ln] int32   (optional hard negatives)
-  scores, scores_valid          [B, 1+K]           (optional: gold or teacher scores of positive + negatives)
+The batch is the data layer's (`embedjax.data.pipeline.batch_spec`: keys, shapes, dtypes; `TOWER_INPUTS`: which
+keys each tower embeds), global arrays with the leading dim sharded over the batch axes.
 """
 from __future__ import annotations
 
@@ -18,6 +15,7 @@ import numpy as np
 import optax
 
 from embedjax import sharding
+from embedjax.data.pipeline import TOWER_INPUTS
 from embedjax.models.dual_encoder import DualEncoder, ModelConfig
 
 Objective = Callable[[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]],
@@ -44,11 +42,8 @@ def _embed_fn(model: DualEncoder):
 
 
 def _towers(batch: dict[str, jax.Array]) -> list[tuple[str, str, str]]:
-    """(output key, batch prefix, tower) for every tower input present."""
-    out = [("query", "query", "query"), ("document", "positive", "document")]
-    if "negative_ids" in batch:
-        out.append(("negatives", "negative", "document"))
-    return out
+    """(output key, batch prefix, tower) for every tower input of the data layer's batch spec present."""
+    return [t for t in TOWER_INPUTS if f"{t[1]}_ids" in batch]
 
 
 def _flat(ids: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
@@ -103,6 +98,15 @@ def _model_init(model_cfg: ModelConfig, seq_len: int = 8):
     def init_boxed(rng):
         return model.init(rng, ids, jnp.ones_like(ids), method=DualEncoder.init_both)["params"]
     return init_boxed
+
+
+def abstract_model_params(model_cfg: ModelConfig, mesh) -> Any:
+    """The model's parameters as ShapeDtypeStructs carrying their shardings on `mesh` (nothing allocated): the
+    restore target for reading a checkpoint's weights only (export, evaluation), with no optimizer built."""
+    boxed = jax.eval_shape(_model_init(model_cfg), jax.random.key(0))
+    shards = sharding.param_shardings(boxed, mesh)
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        nn.meta.unbox(boxed), shards)
 
 
 def abstract_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.GradientTransformation, mesh

@@ -246,21 +246,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     the next step boundary and returns early (run again with the same workdir to resume). `devices`: the
     devices of the mesh (default: all)."""
     from embedjax.checkpoint import Checkpointer, as_path
+    from embedjax.data.pipeline import device_batch
     from embedjax.encoder import Encoder
     from embedjax.objectives import make_objective
     from embedjax.optim import make_optimizer, schedule
     from embedjax.train_step import abstract_train_state, create_train_state, jit_train_step, make_train_step
 
+    from embedjax.config import ConfigError, validate
+
+    # Everything that can reject the config runs before the workdir is touched: keys and named choices, the
+    # mesh, the batch split, the objective and the optimizer.
+    validate(config)
     workdir = as_path(str(workdir) if "://" in str(workdir) else Path(workdir).absolute())
     lead = jax.process_index() == 0
+    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % dp:
+        raise ConfigError(f"config: batch_size {config.batch_size} is not divisible by the {dp} data-parallel "
+                          f"devices of mesh {dict(mesh.shape)}")
+    objective, loss_params = make_objective(config.loss, mesh)
+    lr = schedule(config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.decay,
+                  config.optim.end_factor)
+    tx = make_optimizer(dict(config.optim), config.num_steps)
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-    dp = sharding.data_parallel_size(mesh)
-    if config.batch_size % dp:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel devices")
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                         keep_best=config.keep_best_checkpoints, best_metric=config.best_metric,
@@ -269,10 +280,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     model_cfg, pretrained, tokenizer, model_dir = load_model(config, weights=not resuming)
     if train_iter is None:
         train_iter = build_train_iterator(config, model_dir)
-    objective, loss_params = make_objective(config.loss)
-    lr = schedule(config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.decay,
-                  config.optim.end_factor)
-    tx = make_optimizer(dict(config.optim), config.num_steps)
     rng = jax.random.key(config.seed)
 
     start = 0
@@ -346,7 +353,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
         nonlocal state, pending, t_start, n_done, step, last_ckpt, data_state
         with jax.set_mesh(mesh):
             while step < config.num_steps:
-                batch = sharding.global_batch(next(train_iter), mesh)
+                batch = sharding.global_batch(device_batch(next(train_iter)), mesh)
                 data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
                 state, metrics = step_fn(state, batch)
                 step += 1

@@ -17,7 +17,11 @@ def test_config_loads(path):
     assert "embedjax train --config configs/" in doc or "embedjax aot" in doc, f"{path}: docstring lacks its command"
     for variant in VARIANTS.get(path.name, [None]):
         cfg = load_config(f"{path}:{variant}" if variant else str(path))
-        make_objective(cfg.loss)
+        mesh = None
+        if cfg.loss.name.endswith("_sharded"):
+            from embedjax import sharding
+            mesh = sharding.make_mesh(dict(cfg.mesh))
+        make_objective(cfg.loss, mesh)
         assert cfg.batch_size > 0
 
 

@@ -556,7 +556,49 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def batch_sharding(mesh: Any, data_axes: str | Sequence[str] = ("data",)) -> Any:
+# ------------------------------------------------------------------------------------------ batch spec
+# The one definition of what a training batch holds. The step embeds each tower input named here, AOT
+# compiles against `batch_spec`, and the trainer sends only these keys to the devices.
+TOWER_INPUTS: tuple[tuple[str, str, str], ...] = (
+    # (embedding name the objective reads, batch key prefix: <prefix>_ids / <prefix>_mask, model tower)
+    ("query", "query", "query"),
+    ("document", "positive", "document"),
+    ("negatives", "negative", "document"),
+)
+HOST_ONLY_KEYS: tuple[str, ...] = ("negative_index", "task_id", "example_idx")   # bookkeeping, never on devices
+
+
+def batch_spec(config: Any, mesh: Any = None) -> dict[str, Any]:
+    """{key: jax.ShapeDtypeStruct} of the device part of a global training batch at its largest bucket
+    (`BucketFeatureConverter` pads to buckets up to these lengths); with `mesh`, each carries the batch
+    sharding. Negatives appear when ``data.num_negatives`` > 0."""
+    import jax
+    import jax.numpy as jnp
+
+    B, K = int(config.batch_size), int(config.data.num_negatives)
+    Lq, Ld = int(config.max_query_length), int(config.max_document_length)
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
+        "query_ids": ((B, Lq), jnp.int32), "query_mask": ((B, Lq), jnp.int32),
+        "positive_ids": ((B, Ld), jnp.int32), "positive_mask": ((B, Ld), jnp.int32),
+    }
+    if K:
+        shapes.update(negative_ids=((B, K, Ld), jnp.int32), negative_mask=((B, K, Ld), jnp.int32),
+                      negative_valid=((B, K), jnp.bool_))
+    shapes.update(scores=((B, 1 + K), jnp.float32), scores_valid=((B, 1 + K), jnp.bool_))
+    if mesh is None:
+        return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+    from embedjax import sharding
+
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding.batch_sharding(mesh, len(s)))
+            for k, (s, d) in shapes.items()}
+
+
+def device_batch(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The keys of an iterator's batch that go to the devices (`HOST_ONLY_KEYS` dropped)."""
+    return {k: v for k, v in local_batch.items() if k not in HOST_ONLY_KEYS}
+
+
+def batch_sharding(mesh: Any, data_axes: str | Sequence[str]) -> Any:
     """NamedSharding that splits dim 0 (the batch) over `data_axes` of `mesh` and replicates the rest."""
     from jax.sharding import NamedSharding, PartitionSpec
 

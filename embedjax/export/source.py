@@ -185,17 +185,14 @@ def restore_params(workdir: Path, cfg: Any,
                    step: int | None = None) -> tuple[ModelConfig, dict, Any, Path, int]:
     """(model config, model params as numpy, tokenizer, tokenizer folder, step) from a workdir checkpoint.
 
-    The abstract train state is rebuilt the trainer's way (`abstract_train_state`, nothing allocated); only
-    the model's params are read (never the optimizer state), onto this host's first device, whatever mesh
-    training used.
+    Only the model's params are read (`abstract_model_params`, nothing allocated, no optimizer built; never
+    the optimizer state), onto this host's first device, whatever mesh training used.
     """
     import jax
 
     from embedjax import sharding
     from embedjax.checkpoint import Checkpointer
-    from embedjax.objectives import make_objective
-    from embedjax.optim import make_optimizer
-    from embedjax.train_step import abstract_train_state
+    from embedjax.train_step import abstract_model_params
     from embedjax.trainer import load_model
 
     model_cfg, _, tokenizer, model_dir = load_model(cfg, weights=False)
@@ -204,12 +201,10 @@ def restore_params(workdir: Path, cfg: Any,
         step = ckpt.latest_step() if step is None else int(step)
         if step is None:
             raise ExportError(f"{workdir / 'checkpoints'}: no checkpoint")
-        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-        _, loss_params = make_objective(dict(cfg.loss))
-        tx = make_optimizer(dict(cfg.optim), cfg.num_steps)
-        abstract, _ = abstract_train_state(model_cfg, loss_params, tx, mesh)
-        try:   # the model's params only: the optimizer state is never read
-            state, step = ckpt.restore_subtree({"params": {"model": abstract.params["model"]}}, step=step)
+        mesh = sharding.single_device_mesh()
+        abstract_model = abstract_model_params(model_cfg, mesh)
+        try:   # the model's params only: no optimizer is built and its state is never read
+            state, step = ckpt.restore_subtree({"params": {"model": abstract_model}}, step=step)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise ExportError(f"{workdir / 'checkpoints'}: cannot restore step {step} "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e

@@ -80,8 +80,10 @@ def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, mode: str) -> jax.Array:
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps), as torch.nn.functional.normalize."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    """x / max(||x||, eps), as torch.nn.functional.normalize. The square root is taken of max(||x||^2, eps^2)
+    (the same value wherever it matters) so that an all-zero row, e.g. the embedding of an empty padding slot,
+    gets a zero gradient instead of 0 * inf = NaN."""
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
     return x / jnp.maximum(norm, eps)
 
 
