@@ -70,9 +70,10 @@ def test_two_processes_equal_one_process(tmp_path):
     assert len(flat_one) == len(flat_two)
     for (path, x), y in zip(flat_one, flat_two):
         name, d = jax.tree_util.keystr(path), np.abs(np.asarray(y) - np.asarray(x))
-        # relative to the leaf's own scale (a layer-norm scale ~1, a kernel ~0.1): 1e-5 x max|leaf|, i.e.
-        # about 80 ulps of its largest entry, for the same reason as the loss above
-        tol = 1e-5 * float(np.abs(np.asarray(x)).max())
+        # relative to the leaf's own scale (a layer-norm scale ~1, a kernel ~0.1): 1e-5 x max|leaf|, about
+        # 80 ulps of its largest entry, for the same reason as the loss above; plus 1e-6 for leaves that start
+        # at zero (biases): their entries are sums of ~20 Adam steps, each carrying ~lr x 1e-4 of noise
+        tol = 1e-6 + 1e-5 * float(np.abs(np.asarray(x)).max())
         if "word_embeddings" not in name:
             assert d.max() <= tol, (name, d.max(), tol)
             continue
