@@ -247,9 +247,11 @@ def activation_estimate(model_cfg, config, mesh) -> int:
     activations are live at a time."""
     import numpy as np
 
+    from embedjax import sharding
+
     enc = model_cfg.encoder
-    t = mesh.shape["tensor"]
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    t = sharding.tensor_parallel_size(mesh)
+    dp = sharding.data_parallel_size(mesh)
     b = np.dtype(getattr(enc, "dtype", "float32")).itemsize
     if model_cfg.architecture == "t5":
         D, F, H, HK, layers = enc.d_model, enc.d_ff, enc.num_heads, enc.num_heads * enc.d_kv, enc.num_layers
@@ -279,12 +281,14 @@ def activation_estimate(model_cfg, config, mesh) -> int:
 def gathered_weights_estimate(model_cfg, abstract_model_params: Any, mesh) -> int:
     """Per-device bytes of FSDP-gathered weights live at once: two encoder layers' parameters (the one computing
     and the one being prefetched), split only by the tensor axis. 0 without FSDP."""
-    if mesh.shape["fsdp"] == 1:
+    from embedjax import sharding
+
+    if sharding.param_shard_size(mesh) == 1:
         return 0
     enc = model_cfg.encoder
     layers = getattr(enc, "num_layers", None) or getattr(enc, "num_hidden_layers", 1)
     towers = 1 if model_cfg.shared_towers else 2
-    return int(2 * global_bytes(abstract_model_params) / (layers * towers) / mesh.shape["tensor"])
+    return int(2 * global_bytes(abstract_model_params) / (layers * towers) / sharding.tensor_parallel_size(mesh))
 
 
 # --------------------------------------------------------------------------------------------- the check

@@ -29,6 +29,10 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("proj", "tensor"),
     ("pos", None),
     ("norm", None),
+    # activations (models name them through `logical_constraint`, t5x / MaxText style)
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
 )
 
 
@@ -134,7 +138,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
+    """Devices the batch is split over (the batch axes)."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def param_shard_size(mesh: Mesh) -> int:
+    """Devices each parameter's rows are split over when fully sharded (the fsdp axis)."""
+    return mesh.shape["fsdp"]
+
+
+def tensor_parallel_size(mesh: Mesh) -> int:
+    """Devices the hidden / heads / mlp dimensions are split over (the tensor axis)."""
+    return mesh.shape["tensor"]
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -165,17 +180,30 @@ def agree_padding(local_batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     return out
 
 
-def shard_activations(x: jax.Array) -> jax.Array:
-    """Models call this on their [B, ...] activations: under a mesh with embedjax's axes (`jax.set_mesh`, what
-    the trainer does) the batch dim stays sharded over the data axes, so XLA does not replicate activations
-    to match fsdp-sharded weights (it did: Sentence-T5-XXL on v5e-256 needed 201 GB per chip). A no-op without
-    such a mesh, inside shard_map, or when the batch does not divide."""
+def logical_constraint(x: jax.Array, names: Sequence[str | None],
+                       rules: Iterable[tuple[str, Any]] = LOGICAL_RULES) -> jax.Array:
+    """Constrains an activation by logical axis names, through the same rules table as the parameters
+    (e.g. ("activation_batch", "activation_length", "activation_embed")). Under a mesh with embedjax's axes
+    (`jax.set_mesh`, what the trainer does) this keeps the batch dim sharded over the data axes, so XLA does
+    not replicate activations to match fsdp-sharded weights (it did: Sentence-T5-XXL on v5e-256 needed 201 GB
+    per chip). A no-op without such a mesh, inside shard_map, or where a dimension does not divide."""
+    if len(names) != x.ndim:
+        raise ShardingError(f"logical_constraint: {len(names)} names {tuple(names)} for a {x.ndim}-d array")
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
-    if any(mesh._name_to_type[a] != AxisType.Auto for a in BATCH_AXES):   # manual (shard_map) or explicit
+    table = _rules_dict(rules)
+    spec = []
+    for name, dim in zip(names, x.shape):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if any(mesh._name_to_type[a] != AxisType.Auto for a in axes):   # manual (shard_map) or explicit
+            return x
+        size = math.prod(mesh.shape[a] for a in axes)
+        spec.append(axes if axes and size > 1 and dim % size == 0 else None)
+    if all(a is None for a in spec):
         return x
-    size = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    if size == 1 or x.shape[0] % size:
-        return x
-    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+ACTIVATION_BxLxD = ("activation_batch", "activation_length", "activation_embed")

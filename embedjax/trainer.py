@@ -84,7 +84,7 @@ def load_model(config: ConfigDict, *, weights: bool = True):
 def build_train_iterator(config: ConfigDict, model_dir: Path):
     """The per-host resumable iterator from the configured data (seqio task over a local TFDS builder)."""
     from embedjax.data import tasks
-    from embedjax.data.prompts import Prompt
+    from embedjax.data.prompts import prompt_from_config
     from embedjax.data.tf_tokenize import load_vocabulary
     from embedjax.data.tfds_builders import prepare_dataset
 
@@ -92,10 +92,7 @@ def build_train_iterator(config: ConfigDict, model_dir: Path):
     kind = {"beir": "beir", "pairs": "pairs", "stsb": "scored_pairs"}[d.kind]
     builder = prepare_dataset(kind, d.path, splits=(d.split,) if kind == "beir" else None, on_error=d.on_error)
     vocab = load_vocabulary(model_dir)
-    prompt = None
-    if d.query_prompt or d.document_prompt:  # plain prefixes ("query: ") or templates ("task: {task} | query: {text}")
-        prompt = Prompt(query=d.query_prompt if "{" in d.query_prompt else d.query_prompt + "{text}",
-                        document=d.document_prompt if "{" in d.document_prompt else d.document_prompt + "{doc}")
+    prompt = prompt_from_config(d.query_prompt, d.document_prompt)   # the one prompt language
     name = "embedjax_train"
     tasks.add_task(name, builder, vocab, prompt=prompt, symmetric=(kind == "scored_pairs"))
     split = d.split if kind == "beir" else "train"
@@ -253,10 +250,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     from embedjax.train_step import abstract_train_state, create_train_state, jit_train_step, make_train_step
 
     from embedjax.config import ConfigError, validate
+    from embedjax.data.prompts import prompt_from_config
 
     # Everything that can reject the config runs before the workdir is touched: keys and named choices, the
     # mesh, the batch split, the objective and the optimizer.
     validate(config)
+    try:
+        prompt_from_config(config.data.query_prompt, config.data.document_prompt)
+    except ValueError as e:
+        raise ConfigError(f"config: data.query_prompt / data.document_prompt: {e}") from None
     workdir = as_path(str(workdir) if "://" in str(workdir) else Path(workdir).absolute())
     lead = jax.process_index() == 0
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices)

@@ -115,6 +115,22 @@ class Prompt:
 PRESETS = ("none", "e5", "gecko", "instructor")
 
 
+def prompt_from_config(query_prompt: str = "", document_prompt: str = "") -> Prompt | None:
+    """The one reading of a config's ``data.query_prompt`` / ``data.document_prompt``, used by the training
+    data, the evaluators and both exports (sentence-transformers prompts, SavedModel signatures), so a model is
+    evaluated and served on exactly the strings it was trained on.
+
+    A plain prefix (``"query: "``) is prepended: ``prefix{text}`` for queries, ``prefix{doc}`` for documents
+    (``{doc}`` = ``(title + " " + text).strip()``). A template (anything with ``{``) is used as it is, with
+    the fields of `Prompt`. A document template that uses ``{title}`` renders an untitled document's title as
+    ``none`` (Gecko's and EmbeddingGemma's ``title: none | text: ...``). None when neither is set."""
+    if not (query_prompt or document_prompt):
+        return None
+    q = query_prompt if "{" in query_prompt else query_prompt + "{text}"
+    d = document_prompt if "{" in document_prompt else document_prompt + "{doc}"
+    return Prompt(q, d, empty_title="none" if "title" in _fields(d) else "")
+
+
 def prompt_preset(
     name: str, *, task: str = "", query_instruction: str = "", document_instruction: str = ""
 ) -> Prompt:

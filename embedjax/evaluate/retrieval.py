@@ -126,21 +126,18 @@ class BeirData:
 
 
 def apply_prompt(prompt: str | None, text: str, title: str | None = None) -> str:
-    """Applies a query / document prompt.
+    """Applies a query prompt (``title`` None) or a document prompt, as training and serving do
+    (`embedjax.data.prompts.prompt_from_config`, the one prompt language): a plain prompt is prepended (to
+    ``(title + " " + text).strip()`` for documents); a template is filled in (``{text}``; documents also
+    ``{title}``, ``none`` when untitled, and ``{doc}``). Without a prompt a query is its text and a document
+    ``(title + " " + text).strip()``."""
+    from embedjax.data.prompts import prompt_from_config
 
-    A plain prompt is prepended (``"query: "`` + text). A template with ``{text}`` is filled in
-    (Gecko-style ``"task: search result | query: {text}"``); a document template may also use ``{title}``,
-    and then ``{text}`` is the body alone (``"title: {title} | text: {text}"``). Without ``{title}`` a
-    document's ``{text}`` is ``(title + " " + text).strip()``.
-    """
-    if title is not None and not (prompt and "{title}" in prompt):
-        text = (title + " " + text).strip()
     if not prompt:
-        return text
-    if "{text}" in prompt or "{title}" in prompt:
-        out = prompt.replace("{title}", (title or "").strip() or "none") if title is not None else prompt
-        return out.replace("{text}", text)
-    return prompt + text
+        return text if title is None else (title + " " + text).strip()
+    if title is None:
+        return prompt_from_config(query_prompt=prompt).format_query(text)
+    return prompt_from_config(document_prompt=prompt).format_document(text, title)
 
 
 # ----------------------------------------------------------------------------------------------- search

@@ -17,7 +17,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from embedjax.data.prompts import Prompt
+from embedjax.data.prompts import Prompt, prompt_from_config
 from embedjax.models.dual_encoder import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,8 @@ def _read_workdir_config(workdir: Path) -> Any:
 
 
 def _training_prompt(cfg: Any) -> Prompt | None:
-    """The Prompt the trainer built from ``data.query_prompt`` / ``data.document_prompt`` (see trainer.py)."""
-    qp, dp = cfg.data.get("query_prompt", ""), cfg.data.get("document_prompt", "")
-    if not (qp or dp):
-        return None
-    return Prompt(query=qp if "{" in qp else qp + "{text}", document=dp if "{" in dp else dp + "{doc}")
+    """The Prompt the trainer built from ``data.query_prompt`` / ``data.document_prompt``."""
+    return prompt_from_config(cfg.data.get("query_prompt", ""), cfg.data.get("document_prompt", ""))
 
 
 def _from_workdir(workdir: Path, *, step: int | None, use_final: bool | None) -> ExportSource:

@@ -12,7 +12,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from embedjax.models.layers import Dense, Embed, LayerNorm, activation, head_scale, masked_attention
-from embedjax.sharding import shard_activations
+from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
+
+
+def _constrain(x_BxLxD):
+    return logical_constraint(x_BxLxD, ACTIVATION_BxLxD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +93,8 @@ class BertEncoder(nn.Module):
                     name="position_embeddings")(jnp.arange(L)[None, :])
         types = Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"),
                       name="token_type_embeddings")(token_type_ids_BxL)
-        x_BxLxD = shard_activations(LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="embeddings_norm")(
+        x_BxLxD = _constrain(LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="embeddings_norm")(
             words + pos + types))
         for i in range(cfg.num_hidden_layers):
-            x_BxLxD = shard_activations(BertLayer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL))
+            x_BxLxD = _constrain(BertLayer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL))
         return x_BxLxD

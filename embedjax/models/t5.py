@@ -15,7 +15,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from embedjax.models.layers import Dense, Embed, RMSNorm, activation, masked_attention
-from embedjax.sharding import shard_activations
+from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
+
+
+def _constrain(x_BxLxD):
+    return logical_constraint(x_BxLxD, ACTIVATION_BxLxD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +129,7 @@ class T5Encoder(nn.Module):
         L = input_ids_BxL.shape[1]
         x_BxLxD = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype=dtype,
                         embedding_init=nn.initializers.normal(1.0), name="token_embedder")(input_ids_BxL)
-        x_BxLxD = shard_activations(x_BxLxD)
+        x_BxLxD = _constrain(x_BxLxD)
         rel_table = self.param("relative_attention_bias",
                                nn.with_logical_partitioning(nn.initializers.normal(1.0), ("pos", None)),
                                (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)
@@ -133,5 +137,5 @@ class T5Encoder(nn.Module):
                                                 cfg.relative_attention_max_distance)
         bias_1xHxLxL = jnp.take(rel_table, jnp.asarray(buckets_LxL), axis=0).transpose(2, 0, 1)[None]
         for i in range(cfg.num_layers):
-            x_BxLxD = shard_activations(T5Layer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias_1xHxLxL))
+            x_BxLxD = _constrain(T5Layer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias_1xHxLxL))
         return RMSNorm(cfg.layer_norm_epsilon, dtype=dtype, name="final_norm")(x_BxLxD)

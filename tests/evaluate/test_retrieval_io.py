@@ -129,7 +129,11 @@ def test_prompts():
     assert apply_prompt("passage: ", "body", "") == "passage: body"
     assert apply_prompt("title: {title} | text: {text}", "body", "Title") == "title: Title | text: body"
     assert apply_prompt("title: {title} | text: {text}", "body", "") == "title: none | text: body"
-    assert apply_prompt("{text} {x}", "a {text} b") == "a {text} b {x}"  # braces in texts are left alone
+    assert apply_prompt("{text} | q", "a {text} b") == "a {text} b | q"  # braces in texts are left alone
+    assert apply_prompt("passage: {text}", "body", "Title") == "passage: body"   # {text}: the body, {doc}: both
+    assert apply_prompt("passage: {doc}", "body", "Title") == "passage: Title body"
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['x'\]"):   # no silent pass-through
+        apply_prompt("{text} {x}", "a")
 
 
 def test_prompts_reach_encode_fn(beir_dir):
