@@ -24,6 +24,8 @@ import re
 import time
 from typing import Any
 
+from embedjax import errors
+
 log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
@@ -40,8 +42,7 @@ _GRID_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4,
 _GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 
 
-class AotError(ValueError):
-    """Bad --topology / config for an ahead-of-time compile (one-line message)."""
+AotError = errors.AotError   # defined in embedjax/errors.py (one module of error types)
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -363,10 +364,7 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
     import jax
 
     from embedjax import sharding
-    from embedjax.data.pipeline import batch_spec
-    from embedjax.objectives import make_objective
-    from embedjax.optim import make_optimizer, schedule
-    from embedjax.train_step import abstract_train_state, jit_train_step, make_train_step
+    from embedjax.experiment import assemble
 
     model_cfg = model_config_from(config)
     libtpu_error = None
@@ -391,10 +389,9 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
         raise AotError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel devices of "
                        f"mesh {dict(mesh.shape)} on {target.name}")
 
-    objective, loss_params = make_objective(config.loss, mesh)
-    tx = make_optimizer(dict(config.optim), config.num_steps)
-    state, shards = abstract_train_state(model_cfg, loss_params, tx, mesh)   # train_step's, nothing allocated
-    batch = batch_spec(config, mesh)
+    exp = assemble(config, mesh)                    # what the trainer assembles, on the target's mesh
+    state, shards = exp.abstract_state(model_cfg)   # nothing allocated
+    batch = exp.batch_spec()
     est = {"params": per_device_bytes(state.params), "opt_state": per_device_bytes(state.opt_state),
            "batch": per_device_bytes(batch), "activations": activation_estimate(model_cfg, config, mesh)}
     est["grads"] = est["params"]
@@ -415,10 +412,7 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
     if not compile_it:
         return report
 
-    lr = schedule(config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.decay,
-                  config.optim.end_factor)
-    step = jit_train_step(make_train_step(model_cfg, objective, tx, grad_cache_chunks=config.grad_cache_chunks,
-                                          lr_schedule=lr), shards, mesh)
+    step = exp.train_step(model_cfg, shards)
     t0 = time.time()
     # never through the persistent compilation cache: compile-only (TPU topology) executables cannot be
     # serialized, and one read back from the cache need not carry the memory statistics reported here

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from embedjax import errors
+
 log = logging.getLogger("embedjax")
 
 # Subcommands living in other modules: name -> module exposing add_parser(subparsers) and run(args).
@@ -24,8 +26,7 @@ _EXTERNAL = {
 }
 
 
-class CLIError(Exception):
-    """An error to print as one line (no traceback) with exit status 2."""
+CLIError = errors.CLIError   # defined in embedjax/errors.py (one module of error types)
 
 
 def _enable_compilation_cache() -> None:
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return int(args.func(args, overrides) or 0)
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError, TypeError) as e:
+    except (errors.EmbedjaxError, FileNotFoundError, ValueError, TypeError) as e:
         if args.verbose:
             raise
         print(f"embedjax {args.command}: error: {e}", file=sys.stderr)

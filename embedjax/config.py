@@ -15,11 +15,12 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from embedjax import errors
+
 ConfigDict = ml_collections.ConfigDict
 
 
-class ConfigError(ValueError):
-    pass
+ConfigError = errors.ConfigError   # defined in embedjax/errors.py (one module of error types)
 
 
 # ------------------------------------------------------------------------------------------ registries

@@ -38,7 +38,7 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Any:
     """The model's fast tokenizer via transformers.AutoTokenizer (tokenizer.json, vocab.txt or spiece.model)."""
     from transformers import AutoTokenizer
 
-    from embedjax.models.convert import ModelLoadError
+    from embedjax.errors import ModelLoadError
 
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)

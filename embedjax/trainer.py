@@ -245,31 +245,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     from embedjax.checkpoint import Checkpointer, as_path
     from embedjax.data.pipeline import device_batch
     from embedjax.encoder import Encoder
-    from embedjax.objectives import make_objective
-    from embedjax.optim import make_optimizer, schedule
-    from embedjax.train_step import abstract_train_state, create_train_state, jit_train_step, make_train_step
+    from embedjax.experiment import assemble
 
-    from embedjax.config import ConfigError, validate
-    from embedjax.data.prompts import prompt_from_config
-
-    # Everything that can reject the config runs before the workdir is touched: keys and named choices, the
-    # mesh, the batch split, the objective and the optimizer.
-    validate(config)
-    try:
-        prompt_from_config(config.data.query_prompt, config.data.document_prompt)
-    except ValueError as e:
-        raise ConfigError(f"config: data.query_prompt / data.document_prompt: {e}") from None
+    # Everything that can reject the config runs before the workdir is touched: keys and named choices,
+    # prompts, the mesh, the batch split, the objective and the optimizer.
     workdir = as_path(str(workdir) if "://" in str(workdir) else Path(workdir).absolute())
     lead = jax.process_index() == 0
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
-    dp = sharding.data_parallel_size(mesh)
-    if config.batch_size % dp:
-        raise ConfigError(f"config: batch_size {config.batch_size} is not divisible by the {dp} data-parallel "
-                          f"devices of mesh {dict(mesh.shape)}")
-    objective, loss_params = make_objective(config.loss, mesh)
-    lr = schedule(config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.decay,
-                  config.optim.end_factor)
-    tx = make_optimizer(dict(config.optim), config.num_steps)
+    exp = assemble(config, mesh)
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -288,7 +271,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     if resuming:
         # resume: build the state abstractly (nothing allocated, pretrained weights not needed) and restore
         # each shard straight onto its devices, whatever mesh wrote the checkpoint
-        abstract, shards = abstract_train_state(model_cfg, loss_params, tx, mesh)
+        abstract, shards = exp.abstract_state(model_cfg)
         state, data_state, start = ckpt.restore(abstract)
         if data_state is not None and hasattr(train_iter, "set_state"):
             train_iter.set_state(data_state)
@@ -296,7 +279,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     else:
         run = init_checkpoint(config.init_from) if config.init_from else None
         if run is not None:   # another run's model weights (not its optimizer state), read onto this mesh
-            abstract, _ = abstract_train_state(model_cfg, loss_params, tx, mesh)
+            abstract, _ = exp.abstract_state(model_cfg)
             src = Checkpointer(run[0] / "checkpoints", read_only=True)
             try:
                 restored, src_step = src.restore_subtree({"params": {"model": abstract.params["model"]}}, run[1])
@@ -304,15 +287,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
                 src.close()
             pretrained = restored["params"]["model"]
             log.info("starting from %s step %d (model weights; fresh optimizer state, step 0)", run[0], src_step)
-        state, shards = create_train_state(model_cfg, loss_params, tx, mesh, rng, pretrained=pretrained)
+        state, shards = exp.create_state(model_cfg, rng, pretrained=pretrained)
         if config.init_from and run is None:
             log.info("starting from pretrained %s", config.init_from)
         elif not config.init_from:
             log.info("starting from scratch (seed %d)", config.seed)
     pretrained = None
 
-    step_fn = jit_train_step(make_train_step(model_cfg, objective, tx, grad_cache_chunks=config.grad_cache_chunks,
-                                             lr_schedule=lr), shards, mesh)
+    step_fn = exp.train_step(model_cfg, shards)
     evaluators = build_evaluators(config)
     encoder = Encoder(model_cfg, state.params["model"], tokenizer, name=str(workdir), mesh=mesh)
     writer = MetricWriter(workdir)

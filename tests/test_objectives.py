@@ -110,21 +110,16 @@ def test_ring_step_permutes_and_never_gathers_documents():
     all-gather; `in_batch_softmax_sharded` has its one all-gather."""
     from embedjax import sharding
     from embedjax.aot import model_config_from
-    from embedjax.data.pipeline import batch_spec
-    from embedjax.objectives import make_objective
-    from embedjax.optim import make_optimizer
-    from embedjax.train_step import abstract_train_state, jit_train_step, make_train_step
+    from embedjax.experiment import assemble
 
     hlo = {}
     for name in ("sigmoid_sharded", "in_batch_softmax_sharded"):
         cfg = load_config(TINY, [f"loss.name='{name}'"])
-        mesh = sharding.make_mesh(dict(cfg.mesh))
-        objective, lp = make_objective(cfg.loss, mesh)
-        tx = make_optimizer(dict(cfg.optim), cfg.num_steps)
-        state, shards = abstract_train_state(model_config_from(cfg), lp, tx, mesh)
-        step = jit_train_step(make_train_step(model_config_from(cfg), objective, tx), shards, mesh)
-        with jax.set_mesh(mesh):
-            hlo[name] = step.lower(state, batch_spec(cfg, mesh)).compile().as_text()
+        exp = assemble(cfg, sharding.make_mesh(dict(cfg.mesh)))     # what `embedjax train` / `aot` compile
+        model_cfg = model_config_from(cfg)
+        state, shards = exp.abstract_state(model_cfg)
+        with jax.set_mesh(exp.mesh):
+            hlo[name] = exp.train_step(model_cfg, shards).lower(state, exp.batch_spec()).compile().as_text()
     assert "collective-permute" in hlo["sigmoid_sharded"] and "all-gather" not in hlo["sigmoid_sharded"]
     assert "all-gather" in hlo["in_batch_softmax_sharded"]
 

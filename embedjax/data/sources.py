@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from embedjax import errors
+
 log = logging.getLogger(__name__)
 
 Example = dict[str, Any]
@@ -48,8 +50,7 @@ PairKind = Literal["pairs", "scored_pairs", "beir"]
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file (and line) and what is wrong."""
+DataError = errors.DataError   # defined in embedjax/errors.py (one module of error types)
 
 
 def shipped_path(*parts: str) -> Path:

@@ -34,6 +34,8 @@ import seqio
 import tensorflow as tf
 import tensorflow_text as tf_text
 
+from embedjax import errors
+
 # Texts on which a vocabulary must agree with the model's Hugging Face tokenizer.
 PROBE_TEXTS = (
     "Hello, World! The quick brown fox jumps over the lazy dog.",
@@ -58,8 +60,7 @@ _DELIM = r"[\s\p{Z}!-/:-@\[-`{-~\p{P}]"
 _LONG_WORD_SENTINEL = "\ue000"  # a private-use character: removed by clean_text, so never in real input
 
 
-class TokenizerMismatchError(ValueError):
-    """The tokenizer does not belong to the model (different ids, or ids outside the model's vocabulary)."""
+TokenizerMismatchError = errors.TokenizerMismatchError   # defined in embedjax/errors.py (one module of error types)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,13 +19,13 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
+from embedjax import errors
 from embedjax.evaluate.base import EncodeFn, Evaluator, encode_in_pieces, l2_normalize, tqdm_disable
 
 STS_MIN_FIELDS = 7
 
 
-class STSFormatError(ValueError):
-    """A malformed line in an STS file; the message names the file, line and field."""
+STSFormatError = errors.STSFormatError   # defined in embedjax/errors.py (one module of error types)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _require(*modules: str) -> None:
         try:
             importlib.import_module(m)
         except ImportError as e:
-            from embedjax.cli import CLIError
+            from embedjax.errors import CLIError
             raise CLIError(f"'embedjax export' needs {e.name or m}; install the extra: "
                            "pip install 'embedjax[export]'") from None
 

@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from embedjax import errors
 from embedjax.data.prompts import Prompt, prompt_from_config
 from embedjax.models.dual_encoder import ModelConfig
 
@@ -27,8 +28,7 @@ log = logging.getLogger(__name__)
 RolePrompt = Union[str, Prompt, None]
 
 
-class ExportError(ValueError):
-    """A model / workdir that cannot be exported; the message names the path and what is wrong."""
+ExportError = errors.ExportError   # defined in embedjax/errors.py (one module of error types)
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from embedjax import errors
 from embedjax.models.bert import BertConfig
 from embedjax.models.dual_encoder import ARCHITECTURES, HeadConfig, ModelConfig, tower_params
 from embedjax.models.t5 import T5Config
@@ -40,8 +41,7 @@ PACKAGED_MODELS = {
 }
 
 
-class ModelLoadError(ValueError):
-    """A model folder or hub id that cannot be loaded; the message names the file."""
+ModelLoadError = errors.ModelLoadError   # defined in embedjax/errors.py (one module of error types)
 
 
 def _packaged_model_dir(model_id: str) -> Path | None:
