@@ -31,7 +31,8 @@ def test_stsb_test_spearman_minilm(shared_data, minilm):
 @pytest.mark.slow
 def test_scifact_test_ndcg_minilm(shared_data, minilm, tmp_path):
     ev = RetrievalEvaluator.from_beir(shared_data / "scifact", "test", cache_dir=tmp_path, show_progress=False)
-    m = ev.run(encode_fn_from_encoder(minilm))
+    # batch 16: the fastest on a 2-core CPU (17.2 vs 15.5 docs/s at 128); results do not depend on it
+    m = ev.run(encode_fn_from_encoder(minilm, batch_size=16))
     assert m["n_queries"] == 300 and m["n_docs"] == 5183 and m["n_qrels_unknown_docs"] == 0
     print(f"\nall-MiniLM-L6-v2 SciFact test: nDCG@10 x100 = {100 * m['ndcg@10']:.3f}, "
           f"Recall@100 x100 = {100 * m['recall@100']:.3f}, MRR@10 x100 = {100 * m['mrr@10']:.3f}")
