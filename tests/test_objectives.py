@@ -95,7 +95,7 @@ def test_shard_map_form_trains_and_equals_the_dense_form(tmp_path, dense, sharde
 
     data = []
     if "data.num_negatives=2" in extra:   # triplets, some rows with 1 negative: padded slots are masked
-        data = [f"data.kind='pairs'", f"data.path='{_triplets(tmp_path)}'"]
+        data = ["data.kind='pairs'", f"data.path='{_triplets(tmp_path)}'"]
     runs = {}
     for name in (dense, sharded):
         cfg = load_config(TINY, ONE_STEP + extra + data + [f"loss.name='{name}'"])
