@@ -200,25 +200,16 @@ def _resolve_dims(config_mesh: dict, n: int) -> list[int]:
 # --------------------------------------------------------------------------------------------- abstract state
 
 def model_config_from(config) -> Any:
-    """The ModelConfig a training run would build (model_config, or the init_from folder's config)."""
-    import dataclasses as dc
+    """The ModelConfig a training run would build (`embedjax.models.source.resolve`, configurations only)."""
+    from embedjax.models.source import resolve
 
-    from embedjax.models.dual_encoder import ModelConfig
-
-    max_len = max(config.max_query_length, config.max_document_length)
-    if config.init_from:
-        from embedjax.models.convert import load_folder
-
-        try:
-            cfg = load_folder(config.init_from)[0]
-        except Exception as e:  # any failure to read the folder: say what to do instead
-            raise AotError(f"init_from {config.init_from!r} cannot be read here ({type(e).__name__}: {e}); "
-                           "give the architecture as model_config (see configs/sentence_t5.py)") from e
-    else:
-        cfg = ModelConfig.from_dict(config.model_config.to_dict())
-    if max_len > cfg.max_length:
-        cfg = dc.replace(cfg, max_length=max_len)
-    return cfg
+    try:
+        return resolve(config, weights=False, tokenizer=False).config
+    except Exception as e:  # any failure to read the folder: say what to do instead
+        if not config.init_from:
+            raise
+        raise AotError(f"init_from {config.init_from!r} cannot be read here ({type(e).__name__}: {e}); "
+                       "give the architecture as model_config (see configs/sentence_t5.py)") from e
 
 
 def per_device_bytes(tree: Any) -> int:

@@ -20,7 +20,7 @@ log = logging.getLogger("embedjax")
 # Subcommands living in other modules: name -> module exposing add_parser(subparsers) and run(args).
 _EXTERNAL = {
     "eval": "embedjax.evaluate.cli",
-    "mine": "embedjax.data.mining",
+    "mine": "embedjax.mine",
     "export": "embedjax.export.cli",
     "aot": "embedjax.aot",
 }

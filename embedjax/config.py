@@ -27,8 +27,8 @@ ConfigError = errors.ConfigError   # defined in embedjax/errors.py (one module o
 # Every config key that names a choice, with the names the code implements. `validate` checks a config against
 # these (and against the keys of `base_config`) before anything is written to a workdir; tests check that each
 # registry matches its implementation (objectives.OBJECTIVES, optim, the data kinds, the evaluators).
-LOSS_NAMES: tuple[str, ...] = ("in_batch_softmax", "in_batch_softmax_sharded", "sigmoid", "sigmoid_sharded",
-                               "cosent", "angle", "distill_kl", "margin_mse")
+LOSS_NAMES: tuple[str, ...] = ("in_batch_softmax", "in_batch_softmax_sharded", "in_batch_softmax_ring",
+                               "sigmoid", "sigmoid_sharded", "cosent", "angle", "distill_kl", "margin_mse")
 CHOICES: dict[str, tuple[str, ...]] = {
     "loss.name": LOSS_NAMES,
     "optim.name": ("adamw", "adafactor"),

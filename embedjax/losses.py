@@ -405,6 +405,165 @@ def sigmoid_loss_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, t: Any, b: Any, 
         _float(q_BxD), _float(d_BxD), _float(t), _float(b))
 
 
+# ------------------------------------------------------------------ in-batch softmax as a ring (ppermute)
+
+
+def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """`x` as a value that differs per device along `axes` (what a ring's scan carries)."""
+    missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _ring_chunk_logits(rows_bxD, cols_cxD, valid_c, t, margin: float, own: bool, self_col: int | None):
+    """Logits of this device's rows against one chunk of columns, and the mask of columns that count.
+
+    In the own chunk (``own``), column ``i`` is row ``i``'s positive (shifted by the margin) and column
+    ``self_col + i`` (the row itself, a same-tower query) does not count."""
+    b, c = rows_bxD.shape[0], cols_cxD.shape[0]
+    sims = rows_bxD @ cols_cxD.T
+    ok = jnp.broadcast_to(valid_c[None, :], (b, c))
+    shifted = sims
+    if own:
+        eye = jnp.arange(c)[None, :] == jnp.arange(b)[:, None]
+        if margin:
+            shifted = sims - margin * eye
+        if self_col is not None:
+            ok = ok & ~(jnp.arange(c)[None, :] == self_col + jnp.arange(b)[:, None])
+    return sims, shifted / t, ok
+
+
+def _ring_softmax_forward(axes, n, margin, self_col, rows_bxD, cols_cxD, valid_c, t):
+    """Per-row logsumexp over the columns of every device (online, one chunk at a time), plus the metric
+    parts: each row's largest non-positive similarity and the sum of the document similarities."""
+    b = rows_bxD.shape[0]
+
+    def fold(carry, sims, logits, ok, own):
+        m, s, best, doc_sum = carry
+        logits = jnp.where(ok, logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        s = s * jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf)) + \
+            jnp.sum(jnp.exp(logits - safe[:, None]), axis=1)
+        other = ok & ~(jnp.arange(sims.shape[1])[None, :] == jnp.arange(b)[:, None]) if own else ok
+        best = jnp.maximum(best, jnp.max(jnp.where(other, sims, -jnp.inf), axis=1))
+        return m_new, s, best, doc_sum + jnp.sum(sims[:, :b])
+
+    neg_inf = jnp.full((b,), -jnp.inf, rows_bxD.dtype)
+    carry = (neg_inf, jnp.zeros((b,), rows_bxD.dtype), neg_inf, jnp.zeros((), rows_bxD.dtype))
+    sims, logits, ok = _ring_chunk_logits(rows_bxD, cols_cxD, valid_c, t, margin, True, self_col)
+    carry = fold(carry, sims, logits, ok, True)
+
+    def step(state, _):
+        cols, valid, carry = state
+        cols, valid = jax.lax.ppermute((cols, valid), axes, _ring_perm(n))
+        sims, logits, ok = _ring_chunk_logits(rows_bxD, cols, valid, t, margin, False, None)
+        return (cols, valid, fold(carry, sims, logits, ok, False)), None
+
+    (_, _, (m, s, best, doc_sum)), _ = jax.lax.scan(step, (cols_cxD, valid_c, carry), None, length=n - 1)
+    return m + jnp.log(s), best, doc_sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _ring_softmax(axes, n, margin, self_col, rows_bxD, cols_cxD, valid_c, t):
+    return _ring_softmax_forward(axes, n, margin, self_col, rows_bxD, cols_cxD, valid_c, t)
+
+
+def _ring_softmax_fwd(axes, n, margin, self_col, rows_bxD, cols_cxD, valid_c, t):
+    out = _ring_softmax_forward(axes, n, margin, self_col, rows_bxD, cols_cxD, valid_c, t)
+    return out, (rows_bxD, cols_cxD, valid_c, t, out[0])   # inputs and the logsumexp: chunks are re-rotated
+
+
+def _ring_softmax_bwd(axes, n, margin, self_col, res, cts):
+    """Gradient of the per-row logsumexp (the metric outputs are stop_gradient-ed by the caller): the
+    softmax of each chunk's logits, computed again as the chunk comes round, its column gradient travelling
+    with it; one more rotation brings every column gradient home."""
+    rows_bxD, cols_cxD, valid_c, t, lse_b = res
+    g_b = cts[0]
+
+    def block(cols, valid, own):
+        _, logits, ok = _ring_chunk_logits(rows_bxD, cols, valid, t, margin, own, self_col if own else None)
+        p = jnp.where(ok, jnp.exp(logits - lse_b[:, None]), 0.0) * g_b[:, None]
+        return (p @ cols) / t, (p.T @ rows_bxD) / t, -jnp.sum(p * jnp.where(ok, logits, 0.0)) / t
+
+    drows, dcols_acc, dt = block(cols_cxD, valid_c, True)
+
+    def step(state, _):
+        cols, valid, dcols_acc, drows, dt = state
+        cols, valid, dcols_acc = jax.lax.ppermute((cols, valid, dcols_acc), axes, _ring_perm(n))
+        gr, gc, gt = block(cols, valid, False)
+        return (cols, valid, dcols_acc + gc, drows + gr, dt + gt), None
+
+    (_, _, dcols_acc, drows, dt), _ = jax.lax.scan(step, (cols_cxD, valid_c, dcols_acc, drows, dt), None,
+                                                   length=n - 1)
+    dcols = jax.lax.ppermute(dcols_acc, axes, _ring_perm(n)) if n > 1 else dcols_acc
+    return drows, dcols, None, dt
+
+
+_ring_softmax.defvjp(_ring_softmax_fwd, _ring_softmax_bwd)
+
+
+def in_batch_softmax_ring(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any, mesh: Mesh,
+                          axis_names: str | Sequence[str] | None = None,
+                          hard_negatives_BxKxD: jax.Array | None = None, bidirectional: bool = True,
+                          same_tower: bool = False, margin: float = 0.0,
+                          hard_negatives_valid_BxK: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+    """:func:`in_batch_softmax` as a ``shard_map`` ring: each device keeps its ``b`` queries; its documents
+    (with its hard negatives and, for ``same_tower``, its queries) travel around the devices of
+    ``axis_names`` with ``ppermute``, one chunk at a time, and each row's logsumexp is accumulated online. A
+    custom VJP rotates the chunks again for the gradients. No device holds the global documents or more
+    than one ``b x (b + b*K + b)`` logits block; communication is ``n - 1`` neighbour exchanges instead of
+    one all-gather. With ``bidirectional`` a second ring rotates the queries for the document->query loss.
+    Same value and gradients as the dense form (the top-1 metrics count ties as correct).
+    """
+    fn = "in_batch_softmax_ring"
+    _in_batch_validate(fn, q_BxD, d_BxD, temperature, hard_negatives_BxKxD, margin)
+    axes = _as_axes(axis_names)
+    B, D = q_BxD.shape
+    n = _ring_size(fn, mesh, axes, B)
+    margin = float(margin)
+    with_hn = hard_negatives_BxKxD is not None
+    with_valid = with_hn and hard_negatives_valid_BxK is not None
+
+    def direction(rows, cols, valid, t, self_col):
+        lse_b, best_b, doc_sum = _ring_softmax(axes, n, margin, self_col, rows, cols, valid, t)
+        best_b, doc_sum = jax.lax.stop_gradient((best_b, doc_sum))
+        pos_b = jnp.sum(rows * cols[:rows.shape[0]], axis=1)          # own chunk: column i is row i's positive
+        loss = jnp.sum(lse_b - (pos_b - margin) / t)
+        correct = jnp.sum((jax.lax.stop_gradient(pos_b) >= best_b).astype(jnp.float32))
+        return loss, correct, jax.lax.stop_gradient(pos_b), doc_sum
+
+    def body(q_bxD, d_bxD, temp, *hn):
+        b = q_bxD.shape[0]
+        t = jax.lax.pcast(temp, axes, to="varying")
+        cols, valid = [d_bxD], [jnp.ones((b,), bool)]
+        if with_hn:
+            cols.append(hn[0].reshape(-1, D))
+            valid.append(hn[1].reshape(-1) if with_valid else jnp.ones((hn[0].shape[0] * hn[0].shape[1],), bool))
+        self_col = None
+        if same_tower:
+            self_col = sum(c.shape[0] for c in cols)
+            cols.append(q_bxD)
+            valid.append(jnp.ones((b,), bool))
+        loss, correct, pos_b, doc_sum = direction(q_bxD, jnp.concatenate(cols), _varying(jnp.concatenate(valid), axes),
+                                                  t, self_col)
+        pos_sum = jnp.sum(pos_b)
+        sums = {"loss_q2d": loss, "accuracy": correct, "pos_sim": pos_sum, "neg_sim": doc_sum - pos_sum}
+        if bidirectional:
+            loss, correct, _, _ = direction(d_bxD, q_bxD, _varying(jnp.ones((b,), bool), axes), t, None)
+            sums["loss_d2q"], sums["accuracy_d2q"] = loss, correct
+        return _in_batch_finish(jax.lax.psum(sums, axes), B, temp)
+
+    args = [_float(q_BxD), _float(d_BxD), _float(temperature)]
+    specs = [P(axes, None), P(axes, None), P()]
+    if with_hn:
+        args.append(_float(hard_negatives_BxKxD))
+        specs.append(P(axes, None, None))
+    if with_valid:
+        args.append(jnp.asarray(hard_negatives_valid_BxK).astype(bool))
+        specs.append(P(axes, None))
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
+
+
 # ------------------------------------------------------------------------------------ scored pairs (STS)
 
 
@@ -621,6 +780,7 @@ def matryoshka(loss_fn: LossFn, dims: Sequence[int], weights: Sequence[float] | 
 _LOSSES: dict[str, tuple[LossFn, tuple[int, ...] | None]] = {
     "in_batch_softmax": (in_batch_softmax, (0, 1)),
     "in_batch_softmax_sharded": (in_batch_softmax_sharded, (0, 1)),
+    "in_batch_softmax_ring": (in_batch_softmax_ring, (0, 1)),
     "sigmoid": (sigmoid_loss, (0, 1)),
     "sigmoid_sharded": (sigmoid_loss_sharded, (0, 1)),
     "cosent": (cosent_loss, (0, 1)),

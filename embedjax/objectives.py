@@ -13,6 +13,9 @@ test checks the two agree); there is no fallback from one form to another:
                                   ``negative_valid``). GSPMD places the collectives.
 ``in_batch_softmax_sharded``      the same loss as a ``shard_map``: one all-gather of the documents, each device
                                   its own rows of the logits. Same value and gradients.
+``in_batch_softmax_ring``         the same loss as a ``ppermute`` ring: document chunks (with their hard
+                                  negatives, and queries for ``same_tower``) travel round the devices, each
+                                  row's logsumexp accumulated online; no device holds the global documents.
 ``sigmoid``                       SigLIP pairwise sigmoid, learned ``t`` / ``b`` (``loss.sigmoid_t`` /
                                   ``loss.sigmoid_b`` initial values); ``query``, ``positive``.
 ``sigmoid_sharded``               the same as a ``ppermute`` ring: no device holds the global documents.
@@ -54,7 +57,7 @@ def _needs_mesh(name: str, mesh: Any) -> dict[str, Any]:
 
 def _softmax(name: str):
     def build(loss_cfg: Mapping[str, Any], mesh: Any) -> tuple[Objective, dict[str, float]]:
-        extra = _needs_mesh(name, mesh) if name.endswith("_sharded") else {}
+        extra = _needs_mesh(name, mesh) if name.endswith(("_sharded", "_ring")) else {}
         fn = losses.get_loss(name, bidirectional=bool(loss_cfg["bidirectional"]),
                              same_tower=bool(loss_cfg["same_tower"]), margin=float(loss_cfg["margin"]),
                              **_matryoshka(loss_cfg))
@@ -138,6 +141,7 @@ def _margin_mse(loss_cfg: Mapping[str, Any], mesh: Any) -> tuple[Objective, dict
 OBJECTIVES: dict[str, Callable[[Mapping[str, Any], Any], tuple[Objective, dict[str, float]]]] = {
     "in_batch_softmax": _softmax("in_batch_softmax"),
     "in_batch_softmax_sharded": _softmax("in_batch_softmax_sharded"),
+    "in_batch_softmax_ring": _softmax("in_batch_softmax_ring"),
     "sigmoid": _sigmoid("sigmoid"),
     "sigmoid_sharded": _sigmoid("sigmoid_sharded"),
     "cosent": _scored("cosent"),

@@ -6,6 +6,7 @@ a sentence-transformers folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,7 +21,6 @@ import numpy as np
 
 from embedjax import sharding
 from embedjax.config import ConfigDict
-from embedjax.models.dual_encoder import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,56 +30,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------- pieces
-
-def init_checkpoint(init_from: str) -> tuple[Any, int | None] | None:
-    """`init_from` naming another run's checkpoint: "WORKDIR" (its latest) or "WORKDIR@STEP" -> (workdir,
-    step); None for a pretrained model folder / hub id."""
-    from embedjax.checkpoint import as_path
-
-    path, _, step = str(init_from).partition("@")
-    if "://" not in path:
-        path = str(Path(path).absolute())
-    p = as_path(path)
-    try:
-        is_run = (p / "config.json").exists() and (p / "checkpoints").exists()
-    except Exception:  # noqa: BLE001 - e.g. a hub id that is no path at all
-        return None
-    if not is_run:
-        if step:
-            raise ValueError(f"init_from {init_from!r}: @STEP needs a training workdir (config.json + checkpoints/)")
-        return None
-    if step and not step.isdigit():
-        raise ValueError(f"init_from {init_from!r}: the part after @ must be a step number")
-    return p, (int(step) if step else None)
-
-
-def load_model(config: ConfigDict, *, weights: bool = True):
-    """(ModelConfig, pretrained params or None, HF tokenizer, tokenizer folder). `weights=False` reads the
-    pretrained folder's configuration only (resume, export: the weights come from a checkpoint). `init_from`
-    may name another training run ("WORKDIR[@STEP]"): its model config and tokenizer, weights None (the
-    trainer restores them from that run's checkpoint)."""
-    from embedjax.config import read_workdir_config
-    from embedjax.models.convert import load_folder, resolve_model_dir
-    from embedjax.tokenize import load_tokenizer
-
-    max_len = max(config.max_query_length, config.max_document_length)
-    run = init_checkpoint(config.init_from) if config.init_from else None
-    if run is not None:
-        cfg, _, tok, tdir = load_model(read_workdir_config(run[0]), weights=False)
-        if max_len > cfg.max_length:
-            import dataclasses
-            cfg = dataclasses.replace(cfg, max_length=max_len)
-        return cfg, None, tok, tdir
-    if config.init_from:
-        cfg, params, tdir, _ = load_folder(config.init_from, weights=weights)
-        if max_len > cfg.max_length:
-            import dataclasses
-            cfg = dataclasses.replace(cfg, max_length=max_len)
-        return cfg, params, load_tokenizer(tdir), tdir
-    cfg = ModelConfig.from_dict(config.model_config.to_dict())
-    tdir = resolve_model_dir(config.tokenizer)
-    return cfg, None, load_tokenizer(tdir), tdir
-
 
 def build_train_iterator(config: ConfigDict, model_dir: Path):
     """The per-host resumable iterator from the configured data (seqio task over a local TFDS builder)."""
@@ -232,7 +182,207 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+# --------------------------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Run:
+    """What the loop and its actions share: the state being trained and where the run stands."""
+
+    config: ConfigDict
+    mesh: Any
+    workdir: Any
+    ckpt: Any                              # embedjax.checkpoint.Checkpointer
+    writer: MetricWriter
+    evaluator: Callable[[str, int, Any], dict[str, float]] | None   # (tag, step, model params); None: none
+    state: Any                             # TrainState on the mesh
+    start: int                             # the step this process started (or resumed) at
+    step: int
+    data_state: Any = None                 # the iterator's state after the last batch taken
+    last_ckpt: int | None = None
+    stop: bool = False                     # preemption / stop requested: checkpoint and leave the loop
+    eval_metrics: dict[str, float] | None = None   # this step's evaluation, if one ran
+    results: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preempted": False})
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        return self.evaluator(tag, self.step, self.state.params["model"])
+
+
+class Action:
+    """Periodic work after each step (t5x `BaseAction`, clu periodic actions): `__call__(run, metrics)` after
+    every step, `finish(run)` once after the loop."""
+
+    def __call__(self, run: Run, metrics: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def finish(self, run: Run) -> None:
+        pass
+
+
+class LogMetrics(Action):
+    """Fetches each step's metrics one step late (the next step is already dispatched, so the host never
+    waits on the device), stops on a non-finite value, and logs every `log_every_steps` with rate and ETA."""
+
+    def __init__(self, config: ConfigDict):
+        self.every, self.total, self.batch = config.log_every_steps, config.num_steps, config.batch_size
+        self.pending: tuple[int, Any] | None = None
+        self.t0, self.timed = time.time(), 0
+
+    def _drain(self, run: Run) -> tuple[int, dict[str, float]]:
+        s, m = self.pending
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        bad = [k for k, v in m.items() if not math.isfinite(v)]
+        if bad:
+            where = f"{run.ckpt.directory} step {run.last_ckpt}" if run.last_ckpt is not None else "none saved yet"
+            raise TrainingDiverged(f"step {s}: non-finite {', '.join(bad)}; last good checkpoint: {where}")
+        return s, m
+
+    def __call__(self, run: Run, metrics: dict[str, Any]) -> None:
+        if self.pending is not None:
+            s, m = self._drain(run)
+            if s == run.start + 1:   # the first step includes compilation: rates start after it
+                log.info("step %d/%d  loss %.4f  (first step, with compilation: %.1fs)", s, self.total, m["loss"],
+                         time.time() - self.t0)
+                self.t0, self.timed = time.time(), 0
+                run.writer.write(s, {f"train/{k}": v for k, v in m.items()})
+            elif s % self.every == 0:
+                sps = self.timed / max(time.time() - self.t0, 1e-9)
+                log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s", s, self.total,
+                         m["loss"], m.get("accuracy", float("nan")), sps, sps * self.batch,
+                         _fmt_eta((self.total - s) / sps) if sps > 0 else "?")
+                run.writer.write(s, {f"train/{k}": v for k, v in m.items()})
+            self.timed += 1
+        self.pending = (run.step, metrics)
+
+    def finish(self, run: Run) -> None:
+        if self.pending is not None:
+            s, m = self._drain(run)
+            run.writer.write(s, {f"train/{k}": v for k, v in m.items()})
+            run.results["last_train_metrics"] = m
+            self.pending = None
+
+
+class StopWhenAsked(Action):
+    """SIGTERM (preemption) or the caller's `stop_requested()`: stop at a step every process agrees on."""
+
+    def __init__(self, stop_requested: Callable[[], bool] | None):
+        self.preemption, self.stop_requested, self.reason = PreemptionWatcher(), stop_requested, ""
+
+    def __call__(self, run: Run, metrics: dict[str, Any]) -> None:
+        run.stop = self.preemption.reached(run.step) or bool(self.stop_requested and self.stop_requested())
+        if run.stop:
+            run.results["preempted"] = True
+            self.reason = ("preempted (SIGTERM)" if self.preemption.requested or self.preemption._sync
+                           else "stop requested")
+
+    def finish(self, run: Run) -> None:
+        self.preemption.close()
+
+
+class EvaluateEvery(Action):
+    """`eval.every_steps`: evaluate during training (not at the last step: the evaluation after does that)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def __call__(self, run: Run, metrics: dict[str, Any]) -> None:
+        if run.evaluator and self.every and run.step % self.every == 0 and run.step < run.config.num_steps \
+                and not run.stop:
+            run.eval_metrics = run.results.setdefault("during", {})[run.step] = run.evaluate("during")
+
+
+class CheckpointEvery(Action):
+    """Saves every `checkpoint_every_steps`, when stopping, and at each evaluation when the best checkpoints
+    are kept (the metric ranks them)."""
+
+    def __init__(self, config: ConfigDict, stop: StopWhenAsked):
+        self.every, self.keep_best, self.stopper = config.checkpoint_every_steps, config.keep_best_checkpoints, stop
+
+    def __call__(self, run: Run, metrics: dict[str, Any]) -> None:
+        if (self.every and run.step % self.every == 0) or run.stop or \
+                (run.eval_metrics is not None and self.keep_best):
+            run.ckpt.save(run.step, run.state, run.data_state, metrics=run.eval_metrics)
+            run.last_ckpt = run.step
+        if run.stop:
+            log.warning("%s: checkpoint of step %d saved; run the same command again to resume",
+                        self.stopper.reason, run.step)
+
+
+def train_loop(run: Run, step_fn: Callable, train_iter: Iterator, actions: list[Action]) -> None:
+    """Steps until `num_steps` or a stop; every action sees every step."""
+    from embedjax.data.pipeline import device_batch
+
+    def iterator_state():
+        return train_iter.get_state() if hasattr(train_iter, "get_state") else None
+
+    run.data_state = iterator_state()
+    with jax.set_mesh(run.mesh):
+        while run.step < run.config.num_steps and not run.stop:
+            batch = sharding.global_batch(device_batch(next(train_iter)), run.mesh)
+            run.data_state = iterator_state()
+            run.state, metrics = step_fn(run.state, batch)
+            run.step += 1
+            run.eval_metrics = None
+            for action in actions:
+                action(run, metrics)
+        for action in actions:
+            action.finish(run)
+
+
 # --------------------------------------------------------------------------------------------- main entry
+
+def initial_state(exp: Any, ckpt: Any, source: Any, config: ConfigDict) -> tuple[Any, Any, Any, int]:
+    """(state, state shardings, restored data-iterator state or None, start step): resume from the workdir's
+    latest checkpoint, or start from another run's model weights, pretrained weights or a random init."""
+    from embedjax.checkpoint import Checkpointer
+
+    if ckpt.latest_step() is not None:
+        # resume: build the state abstractly (nothing allocated, pretrained weights not needed) and restore
+        # each shard straight onto its devices, whatever mesh wrote the checkpoint
+        abstract, shards = exp.abstract_state(source.config)
+        state, data_state, start = ckpt.restore(abstract)
+        log.info("resuming from %s step %d", ckpt.directory, start)
+        return state, shards, data_state, start
+    pretrained = source.params
+    if source.run is not None:   # another run's model weights (not its optimizer state), read onto this mesh
+        abstract, _ = exp.abstract_state(source.config)
+        src = Checkpointer(source.run[0] / "checkpoints", read_only=True)
+        try:
+            restored, src_step = src.restore_subtree({"params": {"model": abstract.params["model"]}}, source.run[1])
+        finally:
+            src.close()
+        pretrained = restored["params"]["model"]
+        log.info("starting from %s step %d (model weights; fresh optimizer state, step 0)", source.run[0], src_step)
+    elif config.init_from:
+        log.info("starting from pretrained %s", config.init_from)
+    else:
+        log.info("starting from scratch (seed %d)", config.seed)
+    state, shards = exp.create_state(source.config, jax.random.key(config.seed), pretrained=pretrained)
+    return state, shards, None, 0
+
+
+def _evaluation(config: ConfigDict, encoder: Any, writer: MetricWriter) -> Callable | None:
+    """(tag, step, model params) -> metrics of every `eval.tasks` evaluator, logged and written; None when
+    there are none."""
+    from embedjax.evaluate import encode_fn_from_encoder
+
+    evaluators = build_evaluators(config)
+    if not evaluators:
+        return None
+
+    def evaluate(tag: str, step: int, params: Any) -> dict[str, float]:
+        encoder.params = params
+        encoder.__dict__.pop("fingerprint", None)
+        out = {}
+        for name, ev in evaluators.items():
+            t0 = time.time()
+            m = ev.run(encode_fn_from_encoder(encoder, batch_size=config.eval.batch_size))
+            out.update({f"{name}/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))})
+            log.info("eval %s step %d %s: %s (%.0fs)", tag, step, name,
+                     ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)), time.time() - t0)
+        writer.write(step, {f"eval/{k}": v for k, v in out.items()})
+        return out
+    return evaluate
+
 
 def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
                        train_iter: Iterator[dict[str, np.ndarray]] | None = None,
@@ -243,9 +393,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     the next step boundary and returns early (run again with the same workdir to resume). `devices`: the
     devices of the mesh (default: all)."""
     from embedjax.checkpoint import Checkpointer, as_path
-    from embedjax.data.pipeline import device_batch
     from embedjax.encoder import Encoder
     from embedjax.experiment import assemble
+    from embedjax.models.source import resolve
 
     # Everything that can reject the config runs before the workdir is touched: keys and named choices,
     # prompts, the mesh, the batch split, the objective and the optimizer.
@@ -261,127 +411,30 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                         keep_best=config.keep_best_checkpoints, best_metric=config.best_metric,
                         best_mode=config.best_mode)
-    resuming = ckpt.latest_step() is not None
-    model_cfg, pretrained, tokenizer, model_dir = load_model(config, weights=not resuming)
+    source = resolve(config, weights=ckpt.latest_step() is None)
     if train_iter is None:
-        train_iter = build_train_iterator(config, model_dir)
-    rng = jax.random.key(config.seed)
+        train_iter = build_train_iterator(config, source.tokenizer_dir)
+    state, shards, data_state, start = initial_state(exp, ckpt, source, config)
+    if data_state is not None and hasattr(train_iter, "set_state"):
+        train_iter.set_state(data_state)
+    source.params = None   # the pretrained host copy is no longer needed
 
-    start = 0
-    if resuming:
-        # resume: build the state abstractly (nothing allocated, pretrained weights not needed) and restore
-        # each shard straight onto its devices, whatever mesh wrote the checkpoint
-        abstract, shards = exp.abstract_state(model_cfg)
-        state, data_state, start = ckpt.restore(abstract)
-        if data_state is not None and hasattr(train_iter, "set_state"):
-            train_iter.set_state(data_state)
-        log.info("resuming from %s step %d", ckpt.directory, start)
-    else:
-        run = init_checkpoint(config.init_from) if config.init_from else None
-        if run is not None:   # another run's model weights (not its optimizer state), read onto this mesh
-            abstract, _ = exp.abstract_state(model_cfg)
-            src = Checkpointer(run[0] / "checkpoints", read_only=True)
-            try:
-                restored, src_step = src.restore_subtree({"params": {"model": abstract.params["model"]}}, run[1])
-            finally:
-                src.close()
-            pretrained = restored["params"]["model"]
-            log.info("starting from %s step %d (model weights; fresh optimizer state, step 0)", run[0], src_step)
-        state, shards = exp.create_state(model_cfg, rng, pretrained=pretrained)
-        if config.init_from and run is None:
-            log.info("starting from pretrained %s", config.init_from)
-        elif not config.init_from:
-            log.info("starting from scratch (seed %d)", config.seed)
-    pretrained = None
-
-    step_fn = exp.train_step(model_cfg, shards)
-    evaluators = build_evaluators(config)
-    encoder = Encoder(model_cfg, state.params["model"], tokenizer, name=str(workdir), mesh=mesh)
+    encoder = Encoder(source.config, state.params["model"], source.tokenizer, name=str(workdir), mesh=mesh)
     writer = MetricWriter(workdir)
-    preemption = PreemptionWatcher()
-    results: dict[str, Any] = {"preempted": False}
-
-    def evaluate(tag: str, step: int) -> dict[str, float]:
-        from embedjax.evaluate import encode_fn_from_encoder
-        encoder.params = state.params["model"]
-        encoder.__dict__.pop("fingerprint", None)
-        out = {}
-        for name, ev in evaluators.items():
-            t0 = time.time()
-            m = ev.run(encode_fn_from_encoder(encoder, batch_size=config.eval.batch_size))
-            out.update({f"{name}/{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))})
-            log.info("eval %s step %d %s: %s (%.0fs)", tag, step, name,
-                     ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)), time.time() - t0)
-        writer.write(step, {f"eval/{k}": v for k, v in out.items()})
-        return out
-
-    if evaluators and config.eval.before and start == 0:
-        results["before"] = evaluate("before", 0)
-
-    pending = None   # metrics of the previous step, fetched after the next is dispatched
-    t_start, n_done = time.time(), 0
-
-    def drain(pending):
-        s, m = pending
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not all(math.isfinite(v) for v in m.values()):
-            bad = [k for k, v in m.items() if not math.isfinite(v)]
-            where = f"{ckpt.directory} step {last_ckpt}" if last_ckpt is not None else "none saved yet"
-            raise TrainingDiverged(f"step {s}: non-finite {', '.join(bad)}; last good checkpoint: {where}")
-        return s, m
-
-    step, last_ckpt = start, (start if start else None)
-    data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-
-    def _loop() -> None:
-        nonlocal state, pending, t_start, n_done, step, last_ckpt, data_state
-        with jax.set_mesh(mesh):
-            while step < config.num_steps:
-                batch = sharding.global_batch(device_batch(next(train_iter)), mesh)
-                data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
-                state, metrics = step_fn(state, batch)
-                step += 1
-                n_done += 1
-                if pending is not None:
-                    s, m = drain(pending)
-                    if s == start + 1:   # rates exclude the first step (compilation)
-                        t_start, n_done = time.time(), 1
-                    if s % config.log_every_steps == 0 or s == start + 1:
-                        el = time.time() - t_start
-                        sps = (n_done - 1) / el if n_done > 1 else float("nan")
-                        eta = _fmt_eta((config.num_steps - s) / sps) if sps == sps else "?"
-                        log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s", s, config.num_steps,
-                                 m["loss"], m.get("accuracy", float("nan")), sps, sps * config.batch_size, eta)
-                        writer.write(s, {f"train/{k}": v for k, v in m.items()})
-                pending = (step, metrics)
-                stop = preemption.reached(step) or (stop_requested() if stop_requested else False)
-                eval_metrics = None
-                if evaluators and config.eval.every_steps and step % config.eval.every_steps == 0 \
-                        and step < config.num_steps and not stop:
-                    eval_metrics = results.setdefault("during", {})[step] = evaluate("during", step)
-                if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or stop \
-                        or (eval_metrics is not None and config.keep_best_checkpoints):
-                    ckpt.save(step, state, data_state, metrics=eval_metrics)
-                    last_ckpt = step
-                if stop:
-                    log.warning("%s: checkpoint of step %d saved; run the same command again to resume",
-                                "preempted (SIGTERM)" if preemption.requested or preemption._sync else
-                                "stop requested", step)
-                    results["preempted"] = True
-                    break
-            if pending is not None:
-                s, m = drain(pending)
-                writer.write(s, {f"train/{k}": v for k, v in m.items()})
-                results["last_train_metrics"] = m
-
+    run = Run(config, mesh, workdir, ckpt, writer, _evaluation(config, encoder, writer), state, start, start,
+              last_ckpt=start or None)
+    stopper = StopWhenAsked(stop_requested)
+    actions = [LogMetrics(config), stopper, EvaluateEvery(config.eval.every_steps), CheckpointEvery(config, stopper)]
     try:
-        _loop()
-        results["final_step"] = step
+        if run.evaluator and config.eval.before and start == 0:
+            run.results["before"] = run.evaluate("before")
+        train_loop(run, exp.train_step(source.config, shards), train_iter, actions)
+        run.results["final_step"] = run.step
         after = None
-        if step >= config.num_steps and evaluators:
-            after = results["after"] = evaluate("after", step)
-        if last_ckpt != step:
-            ckpt.save(step, state, data_state, metrics=after)
+        if run.step >= config.num_steps and run.evaluator:
+            after = run.results["after"] = run.evaluate("after")
+        if run.last_ckpt != run.step:
+            ckpt.save(run.step, run.state, run.data_state, metrics=after)
     except BaseException:
         # finish pending async saves (the last good checkpoint) before the error propagates; with several
         # processes the save's barriers may wait on a dead peer, so the wait is bounded
@@ -390,18 +443,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     else:
         ckpt.close()
     finally:
-        preemption.close()
+        stopper.finish(run)
         writer.close()
-    if step >= config.num_steps and config.export_final and lead:
-        encoder.params = state.params["model"]
+    if run.step >= config.num_steps and config.export_final and lead:
+        encoder.params = run.state.params["model"]
         if "://" in str(workdir):
             import tempfile
             with tempfile.TemporaryDirectory() as tmp:
                 _copy_tree(encoder.save(Path(tmp) / "final"), workdir / "final")
         else:
             encoder.save(Path(str(workdir)) / "final")
-        results["final_model"] = str(workdir / "final")
+        run.results["final_model"] = str(workdir / "final")
     if lead:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    results["state"] = state
-    return results
+        (workdir / "results.json").write_text(json.dumps(run.results, indent=2, default=str))
+    run.results["state"] = run.state
+    return run.results

@@ -180,7 +180,7 @@ def test_config_checks_checkpoint_and_host_order_settings():
 
 
 def test_missing_step_and_bad_init_from_are_one_line_errors(tmp_path):
-    from embedjax.trainer import init_checkpoint
+    from embedjax.models.source import run_reference
 
     ck = Checkpointer(tmp_path / "checkpoints", async_save=False)
     ck.save(2, _state())
@@ -190,5 +190,5 @@ def test_missing_step_and_bad_init_from_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no complete checkpoint at step 7 \(complete steps: 2\)"):
         ck.restore(abstract_like(_state()), step=7)
     with pytest.raises(ValueError, match="the part after @ must be a step number"):
-        init_checkpoint(f"{tmp_path}@latest")
-    assert init_checkpoint(f"{tmp_path}@2")[1] == 2
+        run_reference(f"{tmp_path}@latest")
+    assert run_reference(f"{tmp_path}@2")[1] == 2

@@ -444,6 +444,21 @@ def case_sharded_softmax(mesh):
     return loss
 
 
+def case_ring_softmax(mesh):
+    """The ring form (ppermute) against the dense form: hard negatives with padded slots, same-tower
+    negatives, margin, learned temperature; and the bidirectional in-batch loss in Matryoshka."""
+    def loss(params, batch):
+        q, d, hn = towers(params, batch)
+        t = jnp.exp(params["log_t"])
+        fn = L.in_batch_softmax if mesh is None else functools.partial(L.in_batch_softmax_ring, mesh=mesh)
+        valid = np.arange(B * K).reshape(B, K) % 5 != 3
+        return combine(hn_same_tower_margin=fn(q, d, temperature=t, hard_negatives_BxKxD=hn, same_tower=True,
+                                               margin=0.1, hard_negatives_valid_BxK=valid,
+                                               bidirectional=False),
+                       bidir=L.matryoshka(fn, dims=(16, 4))(q, d, temperature=t))
+    return loss
+
+
 def case_sharded_matryoshka_sigmoid(mesh):
     """The ring form, wrapped in Matryoshka: its full-dim term is the plain sharded sigmoid loss."""
     def loss(params, batch):
@@ -455,6 +470,7 @@ def case_sharded_matryoshka_sigmoid(mesh):
 
 CASES = {"softmax": case_softmax, "matryoshka_softmax": case_matryoshka_softmax,
          "other_losses": case_other_losses, "sharded_softmax": case_sharded_softmax,
+         "ring_softmax": case_ring_softmax,
          "sharded_matryoshka_sigmoid": case_sharded_matryoshka_sigmoid}
 
 
@@ -494,17 +510,27 @@ def test_sharded_equals_single_device(case, shape):
         assert abs(ref_grads["log_s"]) > 1e-6 and abs(ref_grads["bias"]) > 1e-6
 
 
-def test_sharded_sigmoid_never_materialises_global_arrays():
-    """The ring form's compiled per-device program has no all-gather and no [B, B] / [B, D] array."""
+RING_FORMS = {  # ring form, its dense form
+    "sigmoid": (lambda q, d, mesh: L.sigmoid_loss_sharded(q, d, t=10.0, b=-5.0, mesh=mesh)[0],
+                lambda q, d: L.sigmoid_loss(q, d, t=10.0, b=-5.0)[0]),
+    "softmax": (lambda q, d, mesh: L.in_batch_softmax_ring(q, d, temperature=0.05, same_tower=True, mesh=mesh)[0],
+                lambda q, d: L.in_batch_softmax(q, d, temperature=0.05, same_tower=True)[0]),
+}
+
+
+@pytest.mark.parametrize("form", list(RING_FORMS))
+def test_ring_forms_never_materialise_global_arrays(form):
+    """The ring forms' compiled per-device programs have no all-gather and no [B, B] / [B, D] array."""
     mesh = make_mesh((4, 2, 1))
     rng = np.random.default_rng(10)
     big_B = 64
     q, d = rand_unit(rng, big_B, D), rand_unit(rng, big_B, D)
     spec = NamedSharding(mesh, P(BATCH, None))
     q, d = jax.device_put(q, spec), jax.device_put(d, spec)
+    ring, dense_fn = RING_FORMS[form]
 
     def f(q, d):
-        return L.sigmoid_loss_sharded(q, d, t=10.0, b=-5.0, mesh=mesh)[0]
+        return ring(q, d, mesh)
 
     def array_dims(hlo):
         return {int(n) for shape in re.findall(r"f32\[([0-9,]*)\]", hlo) for n in shape.split(",") if n}
@@ -514,6 +540,6 @@ def test_sharded_sigmoid_never_materialises_global_arrays():
     assert "all-gather" not in hlo
     assert big_B not in array_dims(hlo)  # only [b, D], [b, b] and smaller arrays
     # ... while the dense form under GSPMD gathers the documents.
-    dense = jax.jit(jax.value_and_grad(lambda q, d: L.sigmoid_loss(q, d, t=10.0, b=-5.0)[0], argnums=(0, 1)))
+    dense = jax.jit(jax.value_and_grad(dense_fn, argnums=(0, 1)))
     dense_hlo = dense.lower(q, d).compile().as_text()
     assert "all-gather" in dense_hlo and big_B in array_dims(dense_hlo)

@@ -30,8 +30,8 @@ def test_registries_match_the_implementations():
 
 @pytest.mark.parametrize("override,message", [
     ("loss.nope=1", "unknown key 'loss.nope'"),
-    ("loss.name='in_batch_softmax_ring'", "loss.name 'in_batch_softmax_ring' is not one of in_batch_softmax, "
-                                          "in_batch_softmax_sharded, sigmoid, sigmoid_sharded"),
+    ("loss.name='ring'", "loss.name 'ring' is not one of in_batch_softmax, in_batch_softmax_sharded, "
+                         "in_batch_softmax_ring, sigmoid, sigmoid_sharded"),
     ("optim.name='sgd'", "optim.name 'sgd' is not one of adamw, adafactor"),
     ("optim.decay='exp'", "optim.decay 'exp' is not one of linear, cosine, constant"),
     ("data.kind='csv'", "data.kind 'csv' is not one of beir, pairs, stsb"),
@@ -83,44 +83,46 @@ def _rel_close(a, b, rtol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dense,sharded,extra", [
-    ("in_batch_softmax", "in_batch_softmax_sharded", ["loss.learn_temperature=True", "data.num_negatives=2",
-                                                      "loss.same_tower=True"]),
-    ("sigmoid", "sigmoid_sharded", []),
+@pytest.mark.parametrize("dense,forms,extra", [
+    ("in_batch_softmax", ("in_batch_softmax_sharded", "in_batch_softmax_ring"),
+     ["loss.learn_temperature=True", "data.num_negatives=2", "loss.same_tower=True", "loss.margin=0.05"]),
+    ("sigmoid", ("sigmoid_sharded",), []),
 ])
-def test_shard_map_form_trains_and_equals_the_dense_form(tmp_path, dense, sharded, extra):
-    """One step from the same weights and batch: the loss and every updated parameter agree (float32
-    reduction order differs between the two programs: relative 1e-5)."""
+def test_shard_map_forms_train_and_equal_the_dense_form(tmp_path, dense, forms, extra):
+    """One step of `embedjax train`'s code from the same weights and batch: the loss and every updated
+    parameter agree (float32 reduction order differs between the programs: relative 1e-5)."""
     from embedjax.trainer import train_and_evaluate
 
     data = []
     if "data.num_negatives=2" in extra:   # triplets, some rows with 1 negative: padded slots are masked
         data = ["data.kind='pairs'", f"data.path='{_triplets(tmp_path)}'"]
     runs = {}
-    for name in (dense, sharded):
+    for name in (dense, *forms):
         cfg = load_config(TINY, ONE_STEP + extra + data + [f"loss.name='{name}'"])
         runs[name] = train_and_evaluate(cfg, tmp_path / name)
-    l_dense, l_sharded = _losses(tmp_path / dense)[1], _losses(tmp_path / sharded)[1]
-    assert l_sharded == pytest.approx(l_dense, rel=1e-5)
-    _rel_close(runs[sharded]["state"].params, runs[dense]["state"].params, 1e-5)
+    l_dense = _losses(tmp_path / dense)[1]
+    for name in forms:
+        assert _losses(tmp_path / name)[1] == pytest.approx(l_dense, rel=1e-5), name
+        _rel_close(runs[name]["state"].params, runs[dense]["state"].params, 1e-5)
 
 
 def test_ring_step_permutes_and_never_gathers_documents():
-    """The compiled train step of `sigmoid_sharded` moves documents with collective-permutes and has no
-    all-gather; `in_batch_softmax_sharded` has its one all-gather."""
+    """The compiled train steps of the ring forms (`sigmoid_sharded`, `in_batch_softmax_ring`) move documents
+    with collective-permutes and have no all-gather; `in_batch_softmax_sharded` has its one all-gather."""
     from embedjax import sharding
     from embedjax.aot import model_config_from
     from embedjax.experiment import assemble
 
     hlo = {}
-    for name in ("sigmoid_sharded", "in_batch_softmax_sharded"):
+    for name in ("sigmoid_sharded", "in_batch_softmax_ring", "in_batch_softmax_sharded"):
         cfg = load_config(TINY, [f"loss.name='{name}'"])
         exp = assemble(cfg, sharding.make_mesh(dict(cfg.mesh)))     # what `embedjax train` / `aot` compile
         model_cfg = model_config_from(cfg)
         state, shards = exp.abstract_state(model_cfg)
         with jax.set_mesh(exp.mesh):
             hlo[name] = exp.train_step(model_cfg, shards).lower(state, exp.batch_spec()).compile().as_text()
-    assert "collective-permute" in hlo["sigmoid_sharded"] and "all-gather" not in hlo["sigmoid_sharded"]
+    for ring in ("sigmoid_sharded", "in_batch_softmax_ring"):
+        assert "collective-permute" in hlo[ring] and "all-gather" not in hlo[ring], ring
     assert "all-gather" in hlo["in_batch_softmax_sharded"]
 
 

@@ -190,9 +190,10 @@ def restore_params(workdir: Path, cfg: Any,
     from embedjax import sharding
     from embedjax.checkpoint import Checkpointer
     from embedjax.train_step import abstract_model_params
-    from embedjax.trainer import load_model
+    from embedjax.models.source import resolve
 
-    model_cfg, _, tokenizer, model_dir = load_model(cfg, weights=False)
+    src = resolve(cfg, weights=False)
+    model_cfg, tokenizer, model_dir = src.config, src.tokenizer, src.tokenizer_dir
     ckpt = Checkpointer(workdir / "checkpoints", async_save=False, read_only=True)
     try:
         step = ckpt.latest_step() if step is None else int(step)

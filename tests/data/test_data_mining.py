@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from _data_helpers import write_jsonl
 
+from embedjax import mine as mine_cli
 from embedjax.data import mining, sources
 from embedjax.data.sources import DataError
 
@@ -143,14 +144,14 @@ def test_mining_bad_input(tmp_path):
 
 def test_cli_parser():
     parser = argparse.ArgumentParser()
-    mining.add_parser(parser.add_subparsers(dest="command"))
+    mine_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
         ["mine", "--model", "m", "--data", "d", "--output", "o.jsonl", "--negatives", "4"]
     )
-    assert args.func is mining.run and args.negatives == 4 and args.margin == 0.95 and args.split == "train"
+    assert args.func is mine_cli.run and args.negatives == 4 and args.margin == 0.95 and args.split == "train"
     args.output = "o.txt"
     with pytest.raises(ValueError, match="expected a .jsonl"):
-        mining.run(args)
+        mine_cli.run(args)
 
 
 def _scifact_train_slice(src, dst, n_queries: int, n_distractors: int, seed: int = 0):
@@ -183,10 +184,10 @@ def test_mine_scifact_train_with_minilm(tmp_path, shipped, minilm_dir):
     data = _scifact_train_slice(shipped / "scifact", tmp_path / "scifact_slice", 200, 800)
     out = tmp_path / "scifact_triplets.jsonl"
     parser = argparse.ArgumentParser()
-    mining.add_parser(parser.add_subparsers(dest="command"))
+    mine_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["mine", "--model", str(minilm_dir), "--data", str(data), "--output", str(out),
                               "--negatives", "8", "--candidates", "50", "--max-length", "128"])
-    assert mining.run(args) == 0
+    assert mine_cli.run(args) == 0
     beir = sources.read_beir(data, ("train",))
     n_pairs = sum(len(v) for v in beir.qrels["train"].values())
     assert len(beir.queries) == 200 and n_pairs >= 200

@@ -1,0 +1,89 @@
+"""Where a model starts, resolved in the models layer: `init_from` (a model folder, a hub id, or another
+training run "WORKDIR[@STEP]") or `model_config` + `tokenizer` (random initialisation).
+
+    src = resolve(config)                    # ModelSource: config, pretrained params or None, tokenizer
+    src.run                                  # (workdir, step) when starting from another run's checkpoint
+
+The trainer, `embedjax aot` and export all ask here, so they agree on the architecture. Restoring another
+run's checkpoint is the checkpoint layer's job (`src.run` says which); this module reads configs and weights
+files only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from embedjax.errors import ConfigError
+from embedjax.models.dual_encoder import ModelConfig
+
+
+@dataclasses.dataclass
+class ModelSource:
+    config: ModelConfig
+    params: dict | None          # pretrained weights; None: random init, or `run`'s checkpoint holds them
+    tokenizer: Any               # the Hugging Face tokenizer (None when not asked for)
+    tokenizer_dir: Path | None   # the tokenizer files' folder (the TF tokenizer is built from it); None when
+                                 # not asked for
+    run: tuple[Any, int | None] | None = None   # init_from another run: (its workdir, step or None=latest)
+
+    @property
+    def description(self) -> str:
+        return ("another run's checkpoint" if self.run else
+                "pretrained weights" if self.params is not None else "random initialisation")
+
+
+def _path(p: str) -> Any:
+    from etils import epath   # local paths and gs:// alike
+
+    return epath.Path(p)
+
+
+def run_reference(init_from: str) -> tuple[Any, int | None] | None:
+    """`init_from` naming another run's checkpoint: "WORKDIR" (its latest) or "WORKDIR@STEP" -> (workdir,
+    step); None for a pretrained model folder / hub id."""
+    path, _, step = str(init_from).partition("@")
+    if "://" not in path:
+        path = str(Path(path).absolute())
+    p = _path(path)
+    try:
+        is_run = (p / "config.json").exists() and (p / "checkpoints").exists()
+    except Exception:  # noqa: BLE001 - e.g. a hub id that is no path at all
+        return None
+    if not is_run:
+        if step:
+            raise ConfigError(f"init_from {init_from!r}: @STEP needs a training workdir (config.json + "
+                              "checkpoints/)")
+        return None
+    if step and not step.isdigit():
+        raise ConfigError(f"init_from {init_from!r}: the part after @ must be a step number")
+    return p, (int(step) if step else None)
+
+
+def _long_enough(cfg: ModelConfig, config: Any) -> ModelConfig:
+    max_len = max(config.max_query_length, config.max_document_length)
+    return dataclasses.replace(cfg, max_length=max_len) if max_len > cfg.max_length else cfg
+
+
+def resolve(config: Any, *, weights: bool = True, tokenizer: bool = True) -> ModelSource:
+    """The model an experiment config starts from. `weights=False` reads configurations only (resume, AOT,
+    export: the weights come from a checkpoint or are not needed); `tokenizer=False` skips loading it."""
+    from embedjax.config import read_workdir_config
+    from embedjax.models.convert import load_folder, resolve_model_dir
+
+    def tok(tdir: Path) -> Any:
+        if not tokenizer:
+            return None
+        from embedjax.tokenize import load_tokenizer
+        return load_tokenizer(tdir)
+
+    if config.init_from:
+        run = run_reference(config.init_from)
+        if run is not None:
+            src = resolve(read_workdir_config(run[0]), weights=False, tokenizer=tokenizer)
+            return ModelSource(_long_enough(src.config, config), None, src.tokenizer, src.tokenizer_dir, run)
+        cfg, params, tdir, _ = load_folder(config.init_from, weights=weights)
+        return ModelSource(_long_enough(cfg, config), params, tok(tdir), tdir)
+    cfg = ModelConfig.from_dict(config.model_config.to_dict())
+    tdir = resolve_model_dir(config.tokenizer) if tokenizer else None
+    return ModelSource(_long_enough(cfg, config), None, tok(tdir), tdir)
