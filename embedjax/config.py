@@ -29,6 +29,17 @@ ConfigError = errors.ConfigError   # defined in embedjax/errors.py (one module o
 # registry matches its implementation (objectives.OBJECTIVES, optim, the data kinds, the evaluators).
 LOSS_NAMES: tuple[str, ...] = ("in_batch_softmax", "in_batch_softmax_sharded", "in_batch_softmax_ring",
                                "sigmoid", "sigmoid_sharded", "cosent", "angle", "distill_kl", "margin_mse")
+# loss.name -> the loss.* keys it reads (tests/test_objectives.py checks this against what each objective reads).
+_SOFTMAX_KEYS = ("temperature", "learn_temperature", "bidirectional", "same_tower", "margin", "matryoshka_dims",
+                 "matryoshka_weights")
+_SIGMOID_KEYS = ("sigmoid_t", "sigmoid_b", "matryoshka_dims", "matryoshka_weights")
+_SCALED_KEYS = ("scale", "matryoshka_dims", "matryoshka_weights")
+LOSS_KEYS: dict[str, tuple[str, ...]] = {
+    "in_batch_softmax": _SOFTMAX_KEYS, "in_batch_softmax_sharded": _SOFTMAX_KEYS,
+    "in_batch_softmax_ring": _SOFTMAX_KEYS, "sigmoid": _SIGMOID_KEYS, "sigmoid_sharded": _SIGMOID_KEYS,
+    "cosent": _SCALED_KEYS, "angle": _SCALED_KEYS, "distill_kl": ("temperature", "teacher_temperature"),
+    "margin_mse": _SCALED_KEYS,
+}
 CHOICES: dict[str, tuple[str, ...]] = {
     "loss.name": LOSS_NAMES,
     "optim.name": ("adamw", "adafactor"),
@@ -186,6 +197,10 @@ def _get(cfg: ConfigDict, dotted: str) -> Any:
     return node
 
 
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
 def validate(cfg: ConfigDict) -> None:
     """Checks every key and every named choice of a config (one line naming the key and what is valid);
     nothing is written anywhere before this passes."""
@@ -211,8 +226,11 @@ def validate(cfg: ConfigDict) -> None:
     if name in _NEEDS_NEGATIVES and cfg.data.num_negatives < 1:
         raise ConfigError(f"config: loss.name {name!r} distils teacher scores of each query's positive and hard "
                           "negatives: set data.num_negatives >= 1 (and data with 'scores')")
-    if name in ("cosent", "angle", "distill_kl", "margin_mse") and cfg.loss.learn_temperature:
-        raise ConfigError(f"config: loss.learn_temperature is not used by loss.name {name!r}")
+    base_loss = base_config().loss
+    for key in sorted(cfg.loss.keys()):   # a loss setting the chosen loss does not read is an error
+        if key != "name" and key not in LOSS_KEYS[name] and _plain(cfg.loss[key]) != _plain(base_loss[key]):
+            raise ConfigError(f"config: loss.{key} is not used by loss.name {name!r} (it reads "
+                              f"{', '.join('loss.' + k for k in LOSS_KEYS[name])})")
     if cfg.loss.teacher_temperature <= 0 or cfg.loss.temperature <= 0 or cfg.loss.sigmoid_t <= 0:
         raise ConfigError("config: loss.temperature, loss.teacher_temperature and loss.sigmoid_t must be > 0")
     if not cfg.init_from and not cfg.model_config:

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from embedjax.data.prompts import Prompt, prompt_from_st, st_prompts
 from embedjax.models.convert import ModelLoadError, load_folder, save_sentence_transformers
 from embedjax.models.dual_encoder import DualEncoder, ModelConfig, Tower
 from embedjax.tokenize import TextTokenizer, bucket_for, bucket_lengths, load_tokenizer
@@ -29,9 +30,13 @@ class Encoder:
     """
 
     def __init__(self, config: ModelConfig, params: dict, tokenizer: Any, *, name: str = "",
-                 prompts: dict[str, str] | None = None, hf_config: dict | None = None, mesh: Any = None):
-        """`mesh`: when the params live on a device mesh (e.g. during training), batches are sharded over its
-        data axes so encoding is data parallel instead of replicated on every device."""
+                 prompts: dict[str, str] | None = None, hf_config: dict | None = None, mesh: Any = None,
+                 prompt: Prompt | None = None):
+        """`prompts`: sentence-transformers prompts (name -> prefix, for `encode(prompt_name=...)`).
+        `prompt`: the query / document templates the model was trained with (`embedjax.data.prompts`, the one
+        prompt language), applied by `encode_queries` / `encode_documents`; default: read from the "query" /
+        "document" entries of `prompts`. `mesh`: when the params live on a device mesh (e.g. during training),
+        batches are sharded over its data axes so encoding is data parallel instead of replicated."""
         import jax
 
         self.config = config
@@ -39,6 +44,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.name = name
         self.prompts = dict(prompts or {})
+        self.prompt = prompt if prompt is not None else prompt_from_st(self.prompts)
         self._hf_config = hf_config
         self._text = TextTokenizer(tokenizer, config.max_length)
         self._module = DualEncoder(config)
@@ -66,9 +72,10 @@ class Encoder:
         return cls(cfg, params, tok, name=str(path_or_id), prompts=extras.get("prompts"), hf_config=hf_config)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes a sentence-transformers folder (safetensors) that `SentenceTransformer(path)` loads."""
-        return save_sentence_transformers(path, self.config, self.params, self.tokenizer, prompts=self.prompts,
-                                          hf_config=self._hf_config)
+        """Writes a sentence-transformers folder (safetensors) that `SentenceTransformer(path)` loads. The
+        training prompt goes into its ``prompts`` as "query" / "document" where it has a prefix form."""
+        return save_sentence_transformers(path, self.config, self.params, self.tokenizer,
+                                          prompts=st_prompts(self.prompt, self.prompts), hf_config=self._hf_config)
 
     # --------------------------------------------------------------------------------------- properties
     @property
@@ -179,6 +186,29 @@ class Encoder:
                 out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
             out = np.ascontiguousarray(out, dtype=np.float32)
         return out
+
+    def format_texts(self, texts: Sequence[str], role: str, titles: Sequence[str] | None = None) -> list[str]:
+        """The strings `encode_queries` / `encode_documents` embed: the model's prompt applied (as in training,
+        evaluation and the SavedModel's signatures); the texts unchanged when the model has no prompt."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.prompt is None:
+            if role == "document" and titles is not None:
+                return [(ti + " " + t).strip() for t, ti in zip(texts, titles)]
+            return texts
+        return self.prompt.format(role, texts, None if titles is None else list(titles))
+
+    def encode_queries(self, texts: str | Iterable[str], **kw: Any) -> np.ndarray:
+        """`encode` of queries: the model's query prompt applied, the query tower."""
+        if "prompt" in kw or "prompt_name" in kw:
+            raise TypeError("encode_queries applies the model's own prompt; use encode(prompt=...) for another")
+        return self.encode(self.format_texts(texts, "query"), tower="query", **kw)
+
+    def encode_documents(self, texts: str | Iterable[str], titles: Sequence[str] | None = None,
+                         **kw: Any) -> np.ndarray:
+        """`encode` of documents (with optional titles): the model's document prompt, the document tower."""
+        if "prompt" in kw or "prompt_name" in kw:
+            raise TypeError("encode_documents applies the model's own prompt; use encode(prompt=...) for another")
+        return self.encode(self.format_texts(texts, "document", titles), tower="document", **kw)
 
     def __repr__(self) -> str:
         c = self.config

@@ -393,6 +393,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     the next step boundary and returns early (run again with the same workdir to resume). `devices`: the
     devices of the mesh (default: all)."""
     from embedjax.checkpoint import Checkpointer, as_path
+    from embedjax.data.prompts import prompt_from_config
     from embedjax.encoder import Encoder
     from embedjax.experiment import assemble
     from embedjax.models.source import resolve
@@ -419,7 +420,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
         train_iter.set_state(data_state)
     source.params = None   # the pretrained host copy is no longer needed
 
-    encoder = Encoder(source.config, state.params["model"], source.tokenizer, name=str(workdir), mesh=mesh)
+    encoder = Encoder(source.config, state.params["model"], source.tokenizer, name=str(workdir), mesh=mesh,
+                      prompt=prompt_from_config(config.data.query_prompt, config.data.document_prompt))
     writer = MetricWriter(workdir)
     run = Run(config, mesh, workdir, ckpt, writer, _evaluation(config, encoder, writer), state, start, start,
               last_ckpt=start or None)

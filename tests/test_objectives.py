@@ -28,6 +28,33 @@ def test_registries_match_the_implementations():
         optim.make_optimizer({"name": "sgd"}, 10)
 
 
+class _Recording(dict):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.read = set()
+
+    def __getitem__(self, k):
+        self.read.add(k)
+        return super().__getitem__(k)
+
+    def get(self, k, default=None):
+        self.read.add(k)
+        return super().get(k, default)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_each_loss_reads_exactly_the_keys_the_config_allows(name):
+    """config.LOSS_KEYS (what `validate` lets a config set for a loss) is what the objective reads."""
+    from embedjax import sharding
+    from embedjax.config import LOSS_KEYS, base_config
+    from embedjax.objectives import OBJECTIVES
+
+    cfg = _Recording(dict(base_config().loss))
+    cfg.update(name=name, matryoshka_dims=(8, 4), matryoshka_weights=(1.0, 0.5))
+    OBJECTIVES[name](cfg, sharding.make_mesh({"data": -1}))
+    assert cfg.read - {"name"} == set(LOSS_KEYS[name])
+
+
 @pytest.mark.parametrize("override,message", [
     ("loss.nope=1", "unknown key 'loss.nope'"),
     ("loss.name='ring'", "loss.name 'ring' is not one of in_batch_softmax, in_batch_softmax_sharded, "
@@ -38,11 +65,14 @@ def test_registries_match_the_implementations():
     ("eval.tasks=('mteb:x',)", "eval.tasks entry 'mteb:x': expected KIND:PATH[:SPLIT] with KIND one of beir, stsb"),
     ("loss.name='cosent'", "loss.name 'cosent' needs data.kind='stsb'"),
     ("loss.name='margin_mse'", "set data.num_negatives >= 1"),
+    ("loss.learn_temperature=True;loss.name='sigmoid'", "loss.learn_temperature is not used by loss.name 'sigmoid' "
+                                                        "(it reads loss.sigmoid_t, loss.sigmoid_b, "),
+    ("loss.temperature=0.1;loss.name='cosent';data.kind='stsb'", "loss.temperature is not used by loss.name 'cosent'"),
 ])
 def test_bad_names_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
                        .replace("]", r"\]")):
-        load_config(TINY, [override])
+        load_config(TINY, override.split(";"))
 
 
 def test_a_config_file_setting_an_unknown_key_is_an_error(tmp_path):

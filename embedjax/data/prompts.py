@@ -111,6 +111,34 @@ class Prompt:
     def to_dict(self) -> dict[str, str]:
         return dataclasses.asdict(self)
 
+    def format(self, role: str, texts: list[str], titles: list[str] | None = None) -> list[str]:
+        """`format_query` / `format_document` over a list (``role``: "query" or "document")."""
+        if role == "query":
+            if titles is not None:
+                raise ValueError("titles are for documents; queries have none")
+            return [self.format_query(t) for t in texts]
+        if role != "document":
+            raise ValueError(f"role must be 'query' or 'document', got {role!r}")
+        if titles is not None and len(titles) != len(texts):
+            raise ValueError(f"{len(titles)} titles for {len(texts)} documents")
+        return [self.format_document(t, ti) for t, ti in zip(texts, titles or [""] * len(texts))]
+
+    def prefix(self, role: str) -> str | None:
+        """The role's template as a sentence-transformers prompt (a prefix of the text), or None when it has
+        no prefix form. A document template's ``{title}`` is rendered untitled (``empty_title``): a
+        sentence-transformers prompt never sees titles. ``""`` when the role has no prompt."""
+        tmpl = self.query if role == "query" else self.document
+        for field in ("{text}", "{doc}"):
+            if tmpl.endswith(field) and field not in tmpl[: -len(field)]:
+                head = tmpl[: -len(field)]
+                fields = set(_fields(head))
+                if fields - {"title", "task", "instruction"}:
+                    return None
+                return head.format(title=self.empty_title, task=self.task,
+                                   instruction=self.query_instruction if role == "query"
+                                   else self.document_instruction)
+        return None
+
 
 PRESETS = ("none", "e5", "gecko", "instructor")
 
@@ -129,6 +157,32 @@ def prompt_from_config(query_prompt: str = "", document_prompt: str = "") -> Pro
     q = query_prompt if "{" in query_prompt else query_prompt + "{text}"
     d = document_prompt if "{" in document_prompt else document_prompt + "{doc}"
     return Prompt(q, d, empty_title="none" if "title" in _fields(d) else "")
+
+
+def prompt_from_st(prompts: dict[str, str] | None) -> Prompt | None:
+    """The `Prompt` of a sentence-transformers folder's ``prompts`` (its "query" / "document" entries, or
+    "passage" as E5 folders name documents); None when it has neither."""
+    prompts = prompts or {}
+    return prompt_from_config(prompts.get("query", ""), prompts.get("document", prompts.get("passage", "")))
+
+
+def st_prompts(prompt: Prompt | None, existing: dict[str, str] | None = None) -> dict[str, str]:
+    """A model's sentence-transformers ``prompts``: `existing` plus "query" / "document" from `prompt` where
+    the template has a prefix form (`Prompt.prefix`); a warning names a role whose template has none."""
+    out = dict(existing or {})
+    if prompt is None:
+        return out
+    for role in ("query", "document"):
+        prefix = prompt.prefix(role)
+        if prefix is None:
+            import logging
+            logging.getLogger(__name__).warning(
+                "the %s prompt template %r has no prefix form; it is not written to the sentence-transformers "
+                "prompts (apply it yourself when encoding with sentence-transformers)", role,
+                prompt.query if role == "query" else prompt.document)
+        elif prefix:
+            out.setdefault(role, prefix)
+    return out
 
 
 def prompt_preset(

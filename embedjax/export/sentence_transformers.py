@@ -4,9 +4,9 @@ or an `Encoder`: the format `SentenceTransformer(path)` and `Encoder.load(path)`
     export_sentence_transformers("/runs/tiny", "/models/tiny-st")             # latest checkpoint
     export_sentence_transformers("/runs/tiny", "/models/tiny-st-500", step=500)
 
-Training prompts that are plain prefixes ("query: " / "passage: ") become the folder's ``prompts``
-(``config_sentence_transformers.json``); templates with other fields cannot be expressed there and are left
-out (with a warning). A SentencePiece tokenizer's ``spiece.model`` is copied along when the tokenizer folder
+Training prompts with a prefix form (`Prompt.prefix`: "query: ", "task: search result | query: ", an untitled
+document's "title: none | text: ") become the folder's ``prompts`` (``config_sentence_transformers.json``);
+templates without one cannot be expressed there and are left out (with a warning). A SentencePiece tokenizer's ``spiece.model`` is copied along when the tokenizer folder
 has it.
 """
 from __future__ import annotations
@@ -32,14 +32,12 @@ def _as_prefix(prompt: RolePrompt, role: str) -> str | None:
     if isinstance(prompt, str):
         return prompt
     assert isinstance(prompt, Prompt)
-    tmpl, field = (prompt.query, "{text}") if role == "query" else (prompt.document, "{doc}")
-    if tmpl == field:
-        return None
-    if tmpl.endswith(field) and "{" not in tmpl[: -len(field)]:
-        return tmpl[: -len(field)]
-    log.warning("the %s prompt template %r is not a plain prefix; it is not written to the "
-                "sentence-transformers folder (apply it yourself when encoding)", role, tmpl)
-    return None
+    prefix = prompt.prefix(role)
+    if prefix is None:
+        log.warning("the %s prompt template %r has no prefix form; it is not written to the "
+                    "sentence-transformers folder (apply it yourself when encoding)", role,
+                    prompt.query if role == "query" else prompt.document)
+    return prefix or None
 
 
 def export_sentence_transformers(model: Any, output_dir: str | os.PathLike, *, step: int | None = None,

@@ -51,8 +51,9 @@ class ExportSource:
         """An `embedjax.Encoder` over the same params and tokenizer (the JAX reference)."""
         from embedjax.encoder import Encoder
 
+        prompt = self.query_prompt if isinstance(self.query_prompt, Prompt) else None
         return Encoder(self.config, self.params, self.tokenizer, name=self.name, prompts=self.st_prompts,
-                       hf_config=self.hf_config)
+                       hf_config=self.hf_config, prompt=prompt)
 
 
 def format_text(prompt: RolePrompt, role: str, text: str) -> str:
