@@ -202,12 +202,18 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"preempted at step {res['final_step']}: checkpoint saved in {args.workdir}; "
               "run the same command again to resume", flush=True)
         return 0
+    from embedjax.summary import result_table
+
     before, after = res.get("before", {}), res.get("after", {})
-    for k in after:
-        if k in before:
-            print(f"{k}: {before[k]:.4f} -> {after[k]:.4f} ({after[k] - before[k]:+.4f})")
-    print(f"trained to step {res['final_step']}; workdir {args.workdir}"
-          + (f"; final model {res['final_model']}" if res.get("final_model") else ""))
+    if before or after:
+        print("\n".join(result_table(before, after)))
+    timing = res.get("timing", {})
+    print(f"trained to step {res['final_step']} in {timing.get('total_s', 0) / 60:.1f} min "
+          f"(peak memory {timing.get('peak_rss_bytes', 0) / 2**30:.1f} GiB); workdir {args.workdir}")
+    for path in res.get("summary", []):
+        print(f"  {path}")
+    if res.get("final_model"):
+        print(f"  {res['final_model']} (sentence-transformers folder)")
     return 0
 
 
@@ -242,9 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    from embedjax import quiet
+
+    if args.verbose:
+        quiet.loud()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src", "httpx", "urllib3"):
+    for noisy in ("jax._src", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         _enable_compilation_cache()

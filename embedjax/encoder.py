@@ -164,8 +164,8 @@ class Encoder:
         starts = range(0, len(texts), rows)
         show = len(texts) >= PROGRESS_MIN_TEXTS if show_progress is None else show_progress
         if show:
-            from tqdm.auto import tqdm
-            starts = tqdm(starts, desc="encode", unit="batch", total=len(starts))
+            from embedjax.progress import track
+            starts = track(starts, "encode", "batch")
         for s in starts:
             idx = order[s:s + rows]
             length = bucket_for(int(lengths[idx[0]]), buckets)

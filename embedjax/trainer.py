@@ -21,6 +21,8 @@ import numpy as np
 
 from embedjax import sharding
 from embedjax.config import ConfigDict
+from embedjax.progress import fmt_duration
+from embedjax.summary import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,11 @@ def build_evaluators(config: ConfigDict) -> dict[str, Any]:
         split = split or "test"
         name = f"{kind}/{Path(path).name}/{split}"
         if kind == "beir":
-            out[name] = RetrievalEvaluator.from_beir(path, split=split, use_cache=False, show_progress=False,
+            out[name] = RetrievalEvaluator.from_beir(path, split=split, use_cache=False, show_progress=None,
                                                      query_prompt=config.data.query_prompt or None,
                                                      document_prompt=config.data.document_prompt or None)
         elif kind == "stsb":
-            out[name] = STSEvaluator.from_file(path, split=split, show_progress=False)
+            out[name] = STSEvaluator.from_file(path, split=split, show_progress=None)
         else:
             raise ValueError(f"eval.tasks entry {spec!r}: kind must be beir or stsb")
     return out
@@ -177,11 +179,6 @@ def _copy_tree(src: Path, dst: Any) -> None:
             target.write_bytes(p.read_bytes())
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 # --------------------------------------------------------------------------------------------- the run
 
 @dataclasses.dataclass
@@ -208,8 +205,11 @@ class Run:
 
 
 class Action:
-    """Periodic work after each step (t5x `BaseAction`, clu periodic actions): `__call__(run, metrics)` after
-    every step, `finish(run)` once after the loop."""
+    """Periodic work after each step (t5x `BaseAction`, clu periodic actions): `begin(run)` before the first
+    step, `__call__(run, metrics)` after every step, `finish(run)` once after the loop."""
+
+    def begin(self, run: Run) -> None:
+        pass
 
     def __call__(self, run: Run, metrics: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -220,12 +220,20 @@ class Action:
 
 class LogMetrics(Action):
     """Fetches each step's metrics one step late (the next step is already dispatched, so the host never
-    waits on the device), stops on a non-finite value, and logs every `log_every_steps` with rate and ETA."""
+    waits on the device), stops on a non-finite value, and logs every `log_every_steps`, and at least every
+    30 s (`EMBEDJAX_PROGRESS_SECONDS`), with rate and ETA."""
 
     def __init__(self, config: ConfigDict):
+        from embedjax.progress import _every
+
         self.every, self.total, self.batch = config.log_every_steps, config.num_steps, config.batch_size
         self.pending: tuple[int, Any] | None = None
-        self.t0, self.timed = time.time(), 0
+        self.seconds = _every()
+        self.begin(None)
+
+    def begin(self, run: Run | None) -> None:
+        self.t0 = self.last_line = time.time()
+        self.timed = 0
 
     def _drain(self, run: Run) -> tuple[int, dict[str, float]]:
         s, m = self.pending
@@ -244,12 +252,14 @@ class LogMetrics(Action):
                          time.time() - self.t0)
                 self.t0, self.timed = time.time(), 0
                 run.writer.write(s, {f"train/{k}": v for k, v in m.items()})
-            elif s % self.every == 0:
+            elif s % self.every == 0 or time.time() - self.last_line >= self.seconds:
+                self.last_line = time.time()
                 sps = self.timed / max(time.time() - self.t0, 1e-9)
                 log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s", s, self.total,
                          m["loss"], m.get("accuracy", float("nan")), sps, sps * self.batch,
-                         _fmt_eta((self.total - s) / sps) if sps > 0 else "?")
-                run.writer.write(s, {f"train/{k}": v for k, v in m.items()})
+                         fmt_duration((self.total - s) / sps) if sps > 0 else "?")
+                run.writer.write(s, {**{f"train/{k}": v for k, v in m.items()},
+                                     "perf/examples_per_second": sps * self.batch})
             self.timed += 1
         self.pending = (run.step, metrics)
 
@@ -259,6 +269,9 @@ class LogMetrics(Action):
             run.writer.write(s, {f"train/{k}": v for k, v in m.items()})
             run.results["last_train_metrics"] = m
             self.pending = None
+            if self.timed > 1:   # steps after the first (compilation), up to the last one drained
+                run.results.setdefault("timing", {})["examples_per_second"] = \
+                    (self.timed - 1) * self.batch / max(time.time() - self.t0, 1e-9)
 
 
 class StopWhenAsked(Action):
@@ -315,6 +328,8 @@ def train_loop(run: Run, step_fn: Callable, train_iter: Iterator, actions: list[
         return train_iter.get_state() if hasattr(train_iter, "get_state") else None
 
     run.data_state = iterator_state()
+    for action in actions:
+        action.begin(run)
     with jax.set_mesh(run.mesh):
         while run.step < run.config.num_steps and not run.stop:
             batch = sharding.global_batch(device_batch(next(train_iter)), run.mesh)
@@ -400,6 +415,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
 
     # Everything that can reject the config runs before the workdir is touched: keys and named choices,
     # prompts, the mesh, the batch split, the objective and the optimizer.
+    t_begin = time.time()
     workdir = as_path(str(workdir) if "://" in str(workdir) else Path(workdir).absolute())
     lead = jax.process_index() == 0
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
@@ -414,7 +430,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
                         best_mode=config.best_mode)
     source = resolve(config, weights=ckpt.latest_step() is None)
     if train_iter is None:
-        train_iter = build_train_iterator(config, source.tokenizer_dir)
+        from embedjax.quiet import captured_native_stderr
+        with captured_native_stderr():   # TF's native notices while the input pipeline is built
+            train_iter = build_train_iterator(config, source.tokenizer_dir)
     state, shards, data_state, start = initial_state(exp, ckpt, source, config)
     if data_state is not None and hasattr(train_iter, "set_state"):
         train_iter.set_state(data_state)
@@ -427,14 +445,21 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
               last_ckpt=start or None)
     stopper = StopWhenAsked(stop_requested)
     actions = [LogMetrics(config), stopper, EvaluateEvery(config.eval.every_steps), CheckpointEvery(config, stopper)]
+    timing = run.results.setdefault("timing", {})
     try:
         if run.evaluator and config.eval.before and start == 0:
+            t0 = time.time()
             run.results["before"] = run.evaluate("before")
+            timing["eval_before_s"] = time.time() - t0
+        t0 = time.time()
         train_loop(run, exp.train_step(source.config, shards), train_iter, actions)
+        timing["train_s"] = time.time() - t0
         run.results["final_step"] = run.step
         after = None
         if run.step >= config.num_steps and run.evaluator:
+            t0 = time.time()
             after = run.results["after"] = run.evaluate("after")
+            timing["eval_after_s"] = time.time() - t0
         if run.last_ckpt != run.step:
             ckpt.save(run.step, run.state, run.data_state, metrics=after)
     except BaseException:
@@ -456,7 +481,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
         else:
             encoder.save(Path(str(workdir)) / "final")
         run.results["final_model"] = str(workdir / "final")
+    timing["total_s"] = time.time() - t_begin
+    timing["peak_rss_bytes"] = peak_rss_bytes()
+    log.info("done in %s; peak resident memory %.2f GiB", fmt_duration(timing["total_s"]),
+             timing["peak_rss_bytes"] / 2**30)
     if lead:
+        _summarise(workdir, run.results)
         (workdir / "results.json").write_text(json.dumps(run.results, indent=2, default=str))
     run.results["state"] = run.state
     return run.results
+
+
+def _summarise(workdir: Any, results: dict[str, Any]) -> None:
+    """summary.png + summary.md into the workdir (through a local folder for gs://)."""
+    from embedjax.summary import write_summary
+
+    if "://" not in str(workdir):
+        results["summary"] = [str(p) for p in write_summary(Path(str(workdir)), results)]
+        return
+    import shutil
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("metrics.jsonl",):
+            if (workdir / name).exists():
+                (Path(tmp) / name).write_bytes((workdir / name).read_bytes())
+        local = write_summary(Path(tmp), results)
+        for p in local:
+            (workdir / p.name).write_bytes(p.read_bytes())
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["summary"] = [str(workdir / p.name) for p in local]

@@ -127,9 +127,9 @@ def mine_hard_negatives(
         pairs_of.setdefault(q, []).append(n)
     starts = range(0, len(qids), chunk)
     if progress:
-        from tqdm.auto import tqdm
+        from embedjax.progress import track
 
-        starts = tqdm(starts, desc="mine: search", unit="chunk")
+        starts = track(starts, "mine: search", "chunk")
     for s in starts:
         S = Q[s : s + chunk] @ D.T  # [q, N] cosine scores
         for r, q in enumerate(qids[s : s + chunk]):

@@ -10,10 +10,13 @@ in its file), so seqio tasks and the batch iterator handle all of them alike. Li
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -141,9 +144,22 @@ def prepare_dataset(
     name = f"{kind}_{_hash_files(kind, items, on_error)}"
     cfg = LocalFilesConfig(name=name, version=SCHEMA_VERSION, kind=kind, files=items, on_error=on_error)
     builder = EmbedjaxLocal(config=cfg, data_dir=str(data_dir or default_data_dir()))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    )
+    from embedjax.quiet import captured_native_stderr, quiet_tfds, verbose_requested
+
+    quiet_tfds()
+    fresh = not builder.is_prepared()
+    t0 = time.time()
+    if fresh:
+        log.info("preparing %s data from %s (once; cached in %s)", kind, ", ".join(p for _, p in items),
+                 builder.data_dir)
+    # TFDS prints a download banner to stdout even for local files: kept out of the user's output
+    with contextlib.nullcontext() if verbose_requested() else contextlib.redirect_stdout(io.StringIO()), \
+            captured_native_stderr():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+        )
+    if fresh:
+        log.info("prepared %s data in %.1fs", kind, time.time() - t0)
     for split, st in (builder.info.metadata.get("read_stats") or {}).items():
         if st.get("skipped"):
             log.warning(

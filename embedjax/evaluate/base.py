@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 Role = Literal["query", "document"]
 ROLES: tuple[str, ...] = ("query", "document")
@@ -77,7 +76,7 @@ def encode_in_pieces(
     texts: Sequence[str],
     role: str,
     piece_size: int = 1024,
-    progress: tqdm | None = None,
+    progress: Any = None,
 ) -> np.ndarray:
     """Calls ``encode_fn`` on ``piece_size`` texts at a time (for progress reporting) and stacks the results."""
     if role not in ROLES:
@@ -93,9 +92,6 @@ def encode_in_pieces(
     return np.concatenate(out, axis=0) if len(out) > 1 else out[0]
 
 
-def tqdm_disable(show_progress: bool | None) -> bool | None:
-    """tqdm's ``disable`` for a ``show_progress`` flag: None means 'only when writing to a terminal'."""
-    return None if show_progress is None else not show_progress
 
 
 def l2_normalize(x_NxD: np.ndarray, eps: float = 1e-12) -> np.ndarray:

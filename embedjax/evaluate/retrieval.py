@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from embedjax.data.sources import DataError, read_beir_corpus, read_beir_queries
 from embedjax.data.sources import read_qrels as read_beir_qrels
@@ -50,8 +49,8 @@ from embedjax.evaluate.base import (
     encode_in_pieces,
     get_cache_key,
     l2_normalize,
-    tqdm_disable,
 )
+from embedjax.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -484,8 +483,7 @@ class RetrievalEvaluator(Evaluator):
             except OSError as e:  # an unwritable cache folder costs the cache, not the evaluation
                 logger.warning("not caching corpus embeddings: cannot write %s: %s", path.parent, e)
         try:
-            with tqdm(total=n, desc=f"encode corpus {self.name}", unit="doc",
-                      disable=tqdm_disable(self.show_progress)) as bar:
+            with progress(n, f"encode corpus {self.name}", "doc", self.show_progress) as bar:
                 for s in chunks:
                     idx = order[s : s + self.corpus_chunk_size]
                     emb = encode_in_pieces(encode_fn, [texts[i] for i in idx], "document", self.encode_piece_size, bar)
@@ -507,8 +505,7 @@ class RetrievalEvaluator(Evaluator):
         self.last_info = {}
         t0 = time.perf_counter()
         q_texts = [apply_prompt(self.query_prompt, self.data.queries[q]) for q in self.query_ids]
-        with tqdm(total=len(q_texts), desc=f"encode queries {self.name}", unit="query",
-                  disable=tqdm_disable(self.show_progress)) as bar:
+        with progress(len(q_texts), f"encode queries {self.name}", "query", self.show_progress) as bar:
             q_QxD = encode_in_pieces(encode_fn, q_texts, "query", self.encode_piece_size, bar)
         normalize = self.score_function == "cos"
         if normalize:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
-from tqdm.auto import tqdm
 
 from embedjax import errors
-from embedjax.evaluate.base import EncodeFn, Evaluator, encode_in_pieces, l2_normalize, tqdm_disable
+from embedjax.evaluate.base import EncodeFn, Evaluator, encode_in_pieces, l2_normalize
+from embedjax.progress import progress
 
 STS_MIN_FIELDS = 7
 
@@ -129,9 +129,7 @@ class STSEvaluator(Evaluator):
         """Cosine similarity per pair, float64 [N]."""
         unique = list(dict.fromkeys(self.data.sentences1 + self.data.sentences2))
         index = {s: i for i, s in enumerate(unique)}
-        with tqdm(
-            total=len(unique), desc=f"encode {self.name}", unit="sent", disable=tqdm_disable(self.show_progress)
-        ) as bar:
+        with progress(len(unique), f"encode {self.name}", "sent", self.show_progress) as bar:
             emb_UxD = encode_in_pieces(encode_fn, unique, "query", self.encode_piece_size, bar)
         emb_UxD = l2_normalize(emb_UxD).astype(np.float64)
         a_NxD = emb_UxD[[index[s] for s in self.data.sentences1]]

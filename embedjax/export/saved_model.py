@@ -451,9 +451,9 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
 
 def _trace_model_fns(module: Any, show_progress: bool) -> None:
     """Converts (jax2tf-lowers) every tower x bucket function up front, with a progress bar."""
-    from tqdm.auto import tqdm
+    from embedjax.progress import track
 
-    for key in tqdm(list(module.model_fns), desc="jax2tf", unit="bucket", disable=not show_progress):
+    for key in track(list(module.model_fns), "jax2tf", "bucket", show=None if show_progress else False):
         module.model_fns[key].get_concrete_function()
 
 
@@ -503,7 +503,7 @@ class SavedModelEncoder:
 
         With `sort_by_length`, batches are formed from texts of similar length (longest first, by characters)
         so fewer are padded to a long bucket; the result is in input order either way."""
-        from tqdm.auto import tqdm
+        from embedjax.progress import track
 
         texts = list(texts)
         if not texts:
@@ -512,7 +512,7 @@ class SavedModelEncoder:
         out: np.ndarray | None = None
         starts = range(0, len(texts), batch_size)
         show = len(texts) >= 1024 if show_progress is None else show_progress
-        for s in tqdm(starts, desc="saved_model", unit="batch", disable=not show):
+        for s in track(starts, "saved_model", "batch", show=None if show else False):
             idx = order[s:s + batch_size]
             emb = self([texts[i] for i in idx], signature)[output]
             if out is None:

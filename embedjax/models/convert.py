@@ -243,18 +243,30 @@ def encoder_config_from_hf(cfg_json: dict, source: Path) -> tuple[str, BertConfi
         raise ModelLoadError(f"{source}: {e}") from e
 
 
+# sentence-transformers' pooling modes (6.x `pooling_mode` names; v2-v5 `pooling_mode_*_token(s)` flags)
+_ST_POOLING = {"cls": "cls", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
+               "mean_sqrt_len": "mean_sqrt_len"}
+_ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                     "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                     "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
 def _pooling_from_st(cfg: dict, source: Path) -> str:
-    modes = {"cls": cfg.get("pooling_mode_cls_token", False), "mean": cfg.get("pooling_mode_mean_tokens", False),
-             "max": cfg.get("pooling_mode_max_tokens", False),
-             "mean_sqrt_len": cfg.get("pooling_mode_mean_sqrt_len_tokens", False)}
-    unsupported = [k for k in ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken") if cfg.get(k)]
-    on = [k for k, v in modes.items() if v]
-    if unsupported or len(on) != 1:
-        raise ModelLoadError(f"{source}: exactly one of cls / mean / max / mean_sqrt_len pooling is supported, "
-                             f"got {on + unsupported}")
+    """The pooling of a Pooling module's config.json, in either layout: 6.x ``{"pooling_mode": "mean",
+    "include_prompt": true}`` or v2-v5's boolean ``pooling_mode_*`` flags."""
+    mode = cfg.get("pooling_mode")
+    if mode is None:
+        on = [m for k, m in _ST_POOLING_FLAGS.items() if cfg.get(k)]
+        mode = on[0] if len(on) == 1 else tuple(on)
+    if isinstance(mode, list):
+        mode = mode[0] if len(mode) == 1 else tuple(mode)
+    if not isinstance(mode, str) or mode not in _ST_POOLING:
+        raise ModelLoadError(f"{source}: pooling {mode!r} is not supported; supported: one of "
+                             f"{', '.join(sorted(set(_ST_POOLING) - {'mean_sqrt_len'}))}")
     if cfg.get("include_prompt") is False:
-        raise ModelLoadError(f"{source}: include_prompt=false is not supported")
-    return on[0]
+        raise ModelLoadError(f"{source}: include_prompt=false (prompt tokens left out of the pooling) is not "
+                             "supported")
+    return _ST_POOLING[mode]
 
 
 def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True) -> tuple[ModelConfig, dict | None, Path, dict]:
