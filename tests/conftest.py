@@ -13,6 +13,8 @@ if "EMBEDJAX_COMPILATION_CACHE" not in os.environ:
     os.environ["EMBEDJAX_COMPILATION_CACHE"] = _XLA_CACHE = _tempfile.mkdtemp(prefix="embedjax_test_xla_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["EMBEDJAX_COMPILATION_CACHE"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+if "EMBEDJAX_CACHE_DIR" not in os.environ:   # corpus-embedding caches of this session only
+    os.environ["EMBEDJAX_CACHE_DIR"] = _EMB_CACHE = _tempfile.mkdtemp(prefix="embedjax_test_cache_")
 
 from pathlib import Path  # noqa: E402
 
@@ -104,6 +106,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_unconfigure(config):
-    if "_XLA_CACHE" in globals():
-        import shutil
-        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+    import shutil
+
+    for name in ("_EMB_CACHE", "_XLA_CACHE"):
+        if name in globals():
+            shutil.rmtree(globals()[name], ignore_errors=True)

@@ -81,3 +81,20 @@ def _assert_plotted(path):
     # the blue pixels span the loss panel's width: a curve, not a legend swatch
     cols = np.nonzero(blue[:, : img.shape[1] // 3].any(0))[0]
     assert cols.size and cols.max() - cols.min() > img.shape[1] // 6
+
+
+def test_python_api_is_quiet(tiny_bert_dir):
+    """`from embedjax import Encoder` and an encode, in a fresh interpreter with libtpu installed and no TPU:
+    nothing on stderr (no libtpu probing, no TF / transformers notices)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS", "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+                        "EMBEDJAX_VERBOSE", "XLA_FLAGS")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    code = ("from embedjax import Encoder\n"
+            f"e = Encoder.load({str(tiny_bert_dir)!r})\n"
+            "print(e.encode(['a sentence']).shape)\n"
+            "import tensorflow\n")   # TF's import notices are caught too
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "(1, 32)" and r.stderr.strip() == "", r.stderr
