@@ -5,6 +5,8 @@ keys each tower embeds), global arrays with the leading dim sharded over the bat
 """
 from __future__ import annotations
 
+import logging
+
 from typing import Any, Callable
 
 import flax
@@ -20,6 +22,8 @@ from embedjax.models.dual_encoder import DualEncoder, ModelConfig
 
 Objective = Callable[[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]],
                      tuple[jax.Array, dict[str, jax.Array]]]
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -139,13 +143,32 @@ def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Grad
     abstract_model, model_shards = abstract.params["model"], shards.params["model"]
 
     if pretrained is not None:
-        want = jax.tree.structure(abstract_model)
-        if jax.tree.structure(pretrained) != want:
-            raise ValueError("pretrained params do not match the model config's structure")
-        for a, b in zip(jax.tree.leaves(abstract_model), jax.tree.leaves(pretrained)):
-            if tuple(a.shape) != tuple(np.shape(b)):
-                raise ValueError(f"pretrained param shape {np.shape(b)} != model shape {a.shape}")
-        model_params = jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), pretrained), model_shards)
+        from flax import traverse_util
+
+        want = traverse_util.flatten_dict(abstract_model, sep="/")
+        have = traverse_util.flatten_dict(pretrained, sep="/")
+        extra = sorted(set(have) - set(want))
+        if extra:
+            raise ValueError(f"pretrained param {extra[0]!r} is not part of the model config's parameters")
+        for k, b in have.items():
+            if tuple(want[k].shape) != tuple(np.shape(b)):
+                raise ValueError(f"pretrained param {k!r} has shape {np.shape(b)}, the model {want[k].shape}")
+        fresh = sorted(set(want) - set(have))
+        if fresh:   # a partial tree (a new head on a pretrained encoder): the rest from the model's initialisers
+            log.info("initialised fresh (not in the pretrained weights): %s", ", ".join(fresh))
+            init_boxed = _model_init(model_cfg)
+            model_params = traverse_util.flatten_dict(
+                jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=model_shards)(rng), sep="/")
+        else:
+            model_params = {}
+        flat_shards = traverse_util.flatten_dict(model_shards, sep="/")
+        for k, b in have.items():   # no device ever holds a whole weight
+            if hasattr(b, "read"):   # a LazyWeight: each device's slice read from the checkpoint file
+                model_params[k] = jax.make_array_from_callback(tuple(b.shape), flat_shards[k], b.read)
+            else:   # host numpy straight to the shards; a restored array stays put
+                host = b if isinstance(b, jax.Array) else np.asarray(b, np.float32)
+                model_params[k] = jax.device_put(host, flat_shards[k])
+        model_params = traverse_util.unflatten_dict(model_params, sep="/")
     else:
         init_boxed = _model_init(model_cfg)
         model_params = jax.jit(lambda r: nn.meta.unbox(init_boxed(r)), out_shardings=model_shards)(rng)

@@ -1,5 +1,6 @@
 """`embedjax encode` end to end."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -7,10 +8,16 @@ import pytest
 from embedjax.cli import main
 
 
-def test_encode_10k_lines_progress_and_bounded_compilations(tiny_bert_dir, tmp_path, capsys,
+def test_encode_10k_lines_progress_and_bounded_compilations(tiny_bert_dir, tmp_path, capsys, caplog, monkeypatch,
                                                             stsb_test_sentences):
+    """Output is not a terminal here: progress comes as log lines (every EMBEDJAX_PROGRESS_SECONDS, 0 = each
+    batch) with done/total and an ETA, as in a log file on a pod."""
+    import logging
+
     from embedjax.tokenize import bucket_lengths
 
+    monkeypatch.setenv("EMBEDJAX_PROGRESS_SECONDS", "0")
+    caplog.set_level(logging.INFO, logger="embedjax.progress")
     src = tmp_path / "in.txt"
     lines = [stsb_test_sentences[i % len(stsb_test_sentences)] + f" #{i}" for i in range(10_000)]
     lines[5] = " ".join(["long"] * 400)   # forces the top bucket
@@ -21,7 +28,9 @@ def test_encode_10k_lines_progress_and_bounded_compilations(tiny_bert_dir, tmp_p
     emb = np.load(out)
     assert emb.shape == (10_000, 32) and emb.dtype == np.float32
     captured = capsys.readouterr()
-    assert "encode: 100%" in captured.err              # tqdm progress bar
+    lines = [r.getMessage() for r in caplog.records if r.name == "embedjax.progress"]
+    assert any(re.match(r"encode: \d+/157 batch \(\d+%\), [\d.]+ batch/s, ETA \d:\d\d:\d\d", m) for m in lines), lines
+    assert any(m.startswith("encode: 157/157 batch (100%)") for m in lines), lines
     n = int(captured.out.split(" compilations")[0].rsplit(";", 1)[1])
     assert 1 <= n <= len(bucket_lengths(128))
 

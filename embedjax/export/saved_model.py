@@ -372,7 +372,7 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
     max_len = int(max_length or cfg.max_length)
     if max_len < 2:
         raise ExportError(f"max_length must be >= 2, got {max_len}")
-    pos_limit = getattr(cfg.encoder, "max_position_embeddings", None)
+    pos_limit = getattr(cfg.encoder, "max_positions", None)
     if cfg.architecture == "bert" and max_len > min(cfg.max_length, pos_limit or cfg.max_length):
         raise ExportError(f"max_length {max_len} exceeds the model's {cfg.max_length}")
     dims = tuple(int(d) for d in (src.matryoshka_dims if matryoshka_dims is None else matryoshka_dims))

@@ -1,6 +1,11 @@
-"""BERT-family encoder (BERT, MiniLM, BGE, E5, ...): absolute positions, token types, post-LayerNorm.
+"""BERT-family encoder (BERT, MiniLM, BGE, E5, ...; RoBERTa and XLM-RoBERTa: multilingual-e5, bge-m3):
+absolute positions, token types, post-LayerNorm.
 
-Numerically follows Hugging Face `BertModel` (eval mode) so converted checkpoints give the same hidden states.
+Numerically follows Hugging Face `BertModel` / `RobertaModel` / `XLMRobertaModel` (eval mode) so converted
+checkpoints give the same hidden states. RoBERTa's one difference in the encoder is where positions start: at
+``pad_token_id + 1``, counted over the non-padding tokens only (`position_offset`). MPNet (all-mpnet-base-v2) is
+the same encoder with RoBERTa's positions, no token types, and a T5-style relative position bias (32 buckets,
+max distance 128) computed once and added to every layer's attention logits (`relative_attention_num_buckets`).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from embedjax.models.layers import Dense, Embed, LayerNorm, activation, head_scale, masked_attention
+from embedjax.models.t5 import relative_position_buckets
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
 
@@ -31,24 +37,50 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    model_type: str = "bert"        # bert | roberta | xlm-roberta (the config.json it came from / goes to)
+    position_offset: int = 0        # RoBERTa: pad_token_id + 1 (positions of real tokens start there)
+    relative_attention_num_buckets: int = 0   # MPNet: 32 (a learned [buckets, heads] bias table)
     dtype: str = "float32"          # compute dtype; params stay float32
 
     @property
     def hidden_dim(self) -> int:
         return self.hidden_size
 
+    @property
+    def max_positions(self) -> int:
+        """Longest input the position table allows (RoBERTa's first `position_offset` rows are never used)."""
+        return self.max_position_embeddings - self.position_offset
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "BertConfig":
         pos_type = cfg.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ValueError(f"position_embedding_type {pos_type!r} is not supported (only 'absolute')")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
-        return cls(**{k: cfg[k] for k in fields if k in cfg})
+        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "position_offset",
+                                                              "relative_attention_num_buckets"}
+        kw = {k: cfg[k] for k in fields if k in cfg}
+        if cfg.get("model_type") in ("roberta", "xlm-roberta"):
+            kw["pad_token_id"] = int(cfg.get("pad_token_id", 1))
+            kw["position_offset"] = kw["pad_token_id"] + 1
+        if cfg.get("model_type") == "mpnet":
+            buckets = int(cfg.get("relative_attention_num_buckets", 32))
+            if buckets != 32:   # transformers' MPNet computes 32 buckets whatever the table size
+                raise ValueError(f"MPNet relative_attention_num_buckets {buckets} is not supported (only 32)")
+            kw.update(pad_token_id=1, position_offset=2, type_vocab_size=0, relative_attention_num_buckets=32,
+                      layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)))
+        return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("dtype")
-        d.update(model_type="bert", architectures=["BertModel"], position_embedding_type="absolute",
+        d.pop("position_offset")
+        if self.model_type != "mpnet":
+            d.pop("relative_attention_num_buckets")
+        else:
+            d.pop("type_vocab_size")
+        arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
+                "mpnet": "MPNetModel"}[self.model_type]
+        d.update(architectures=[arch], position_embedding_type="absolute",
                  hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, initializer_range=0.02)
         return d
 
@@ -57,7 +89,7 @@ class BertLayer(nn.Module):
     cfg: BertConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, bias_1xHxLxL: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         H = cfg.num_attention_heads
@@ -66,7 +98,8 @@ class BertLayer(nn.Module):
         q = Dense(D, ("embed", "heads"), dtype=dtype, name="query")(x_BxLxD).reshape(B, L, H, K)
         k = Dense(D, ("embed", "heads"), dtype=dtype, name="key")(x_BxLxD).reshape(B, L, H, K)
         v = Dense(D, ("embed", "heads"), dtype=dtype, name="value")(x_BxLxD).reshape(B, L, H, K)
-        ctx_BxLxD = masked_attention(q, k, v, mask_BxL, scale=head_scale(K)).reshape(B, L, D)
+        ctx_BxLxD = masked_attention(q, k, v, mask_BxL, scale=head_scale(K), bias_1xHxLxL=bias_1xHxLxL
+                                     ).reshape(B, L, D)
         attn_out = Dense(D, ("heads", "embed"), dtype=dtype, name="attention_output")(ctx_BxLxD)
         x_BxLxD = LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="attention_norm")(attn_out + x_BxLxD)
         h_BxLxF = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dtype, name="intermediate")(x_BxLxD)
@@ -89,12 +122,25 @@ class BertEncoder(nn.Module):
         if token_type_ids_BxL is None:
             token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
         words = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="word_embeddings")(input_ids_BxL)
+        if cfg.position_offset:   # RoBERTa: real tokens count from the offset, padding sits at pad_token_id
+            m = mask_BxL.astype(jnp.int32)
+            pos_ids = jnp.cumsum(m, axis=1) * m + cfg.pad_token_id
+        else:
+            pos_ids = jnp.arange(L)[None, :]
         pos = Embed(cfg.max_position_embeddings, cfg.hidden_size, ("pos", "embed"),
-                    name="position_embeddings")(jnp.arange(L)[None, :])
-        types = Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"),
-                      name="token_type_embeddings")(token_type_ids_BxL)
-        x_BxLxD = _constrain(LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="embeddings_norm")(
-            words + pos + types))
+                    name="position_embeddings")(pos_ids)
+        x_BxLxD = words + pos
+        if cfg.type_vocab_size:   # MPNet has no token types
+            x_BxLxD = x_BxLxD + Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"),
+                                      name="token_type_embeddings")(token_type_ids_BxL)
+        x_BxLxD = _constrain(LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="embeddings_norm")(x_BxLxD))
+        bias = None
+        if cfg.relative_attention_num_buckets:   # MPNet: one relative position bias shared by every layer
+            table = self.param("relative_attention_bias",
+                               nn.with_logical_partitioning(nn.initializers.normal(0.02), ("pos", None)),
+                               (cfg.relative_attention_num_buckets, cfg.num_attention_heads), jnp.float32)
+            buckets_LxL = relative_position_buckets(L, L, cfg.relative_attention_num_buckets, 128)
+            bias = jnp.transpose(table[buckets_LxL], (2, 0, 1))[None]
         for i in range(cfg.num_hidden_layers):
-            x_BxLxD = _constrain(BertLayer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL))
+            x_BxLxD = _constrain(BertLayer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias))
         return x_BxLxD

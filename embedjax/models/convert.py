@@ -16,13 +16,15 @@ import numpy as np
 
 from embedjax import errors
 from embedjax.models.bert import BertConfig
+from embedjax.models.modernbert import ModernBertConfig
 from embedjax.models.dual_encoder import ARCHITECTURES, HeadConfig, ModelConfig, tower_params
 from embedjax.models.t5 import T5Config
 
 log = logging.getLogger(__name__)
 
 # model_type in config.json -> embedjax architecture
-MODEL_TYPES = {"bert": "bert", "t5": "t5", "mt5": "t5"}
+MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "bert", "modernbert": "modernbert",
+               "t5": "t5", "mt5": "t5"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "special_tokens_map.json")
 
@@ -97,8 +99,62 @@ def _read_json(path: Path) -> Any:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
 
 
-def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of a folder's model.safetensors (or sharded index) as float32 numpy arrays."""
+class LazyWeight:
+    """One weight of a safetensors checkpoint, read only where asked: `read(index)` returns the slice `index`
+    (a tuple of slices, in embedjax's layout) as float32, reading just those rows and columns from the file
+    (`safe_open(...).get_slice`). `transpose` (a torch [out, in] Linear as a Flax [in, out] kernel) and `rows`
+    (one part of a fused weight such as ModernBERT's Wqkv) are applied on the fly. `np.asarray(w)` reads it whole.
+    """
+
+    def __init__(self, file: Path, key: str, file_shape: tuple[int, ...], *, transpose: bool = False,
+                 rows: tuple[int, int] | None = None):
+        self.file, self.key, self.file_shape, self.transpose, self.rows = file, key, tuple(file_shape), transpose, rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.file_shape)
+        if self.rows is not None:
+            shape[0] = self.rows[1] - self.rows[0]
+        return tuple(reversed(shape)) if self.transpose else tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.file_shape)
+
+    dtype = np.dtype(np.float32)
+
+    def part(self, i: int, n: int) -> "LazyWeight":
+        rows = self.file_shape[0] // n
+        return LazyWeight(self.file, self.key, self.file_shape, rows=(i * rows, (i + 1) * rows))
+
+    def transposed(self) -> "LazyWeight":
+        return LazyWeight(self.file, self.key, self.file_shape, transpose=not self.transpose, rows=self.rows)
+
+    def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        from safetensors import safe_open
+
+        idx = list(index) if index is not None else []
+        idx += [slice(None)] * (len(self.file_shape) - len(idx))
+        if self.transpose:
+            idx = idx[::-1]
+        if self.rows is not None:   # rows of the part, offset into the fused weight
+            start, stop, _ = idx[0].indices(self.rows[1] - self.rows[0])
+            idx[0] = slice(self.rows[0] + start, self.rows[0] + stop)
+        with safe_open(str(self.file), framework="flax") as st:   # "flax": bfloat16 files read too
+            x = np.asarray(st.get_slice(self.key)[tuple(idx)], dtype=np.float32)
+        return np.ascontiguousarray(x.T if self.transpose else x)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        x = self.read()
+        return x if dtype is None else x.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyWeight({self.file.name}:{self.key}, shape={self.shape})"
+
+
+def read_safetensors(folder: Path, *, lazy: bool = False) -> dict[str, Any]:
+    """All tensors of a folder's model.safetensors (or sharded index) as float32 numpy arrays; `lazy`: as
+    `LazyWeight`s (nothing read yet but the headers)."""
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -119,7 +175,10 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
         try:
             with safe_open(str(f), framework="flax") as st:
                 for k in st.keys():
-                    out[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
+                    if lazy:
+                        out[k] = LazyWeight(f, k, tuple(st.get_slice(k).get_shape()))
+                    else:
+                        out[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
         except Exception as e:
             raise ModelLoadError(f"{f}: cannot be read as safetensors ({type(e).__name__}: {e})") from e
     return out
@@ -135,18 +194,25 @@ def _bert_mapping(cfg: BertConfig) -> Mapping:
     m: Mapping = [
         ("embeddings.word_embeddings.weight", ("word_embeddings", "embedding"), "copy"),
         ("embeddings.position_embeddings.weight", ("position_embeddings", "embedding"), "copy"),
-        ("embeddings.token_type_embeddings.weight", ("token_type_embeddings", "embedding"), "copy"),
         ("embeddings.LayerNorm.weight", ("embeddings_norm", "scale"), "copy"),
         ("embeddings.LayerNorm.bias", ("embeddings_norm", "bias"), "copy"),
     ]
+    if cfg.type_vocab_size:
+        m.append(("embeddings.token_type_embeddings.weight", ("token_type_embeddings", "embedding"), "copy"))
+    mpnet = cfg.model_type == "mpnet"
+    if mpnet:
+        m.append(("encoder.relative_attention_bias.weight", ("relative_attention_bias",), "copy"))
+    attn = (("attention.attn.q", "query"), ("attention.attn.k", "key"), ("attention.attn.v", "value"),
+            ("attention.attn.o", "attention_output")) if mpnet else (
+        ("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"),
+        ("attention.output.dense", "attention_output"))
+    attn_norm = "attention.LayerNorm" if mpnet else "attention.output.LayerNorm"
     for i in range(cfg.num_hidden_layers):
         p = f"encoder.layer.{i}."
-        for hf, ours in (("attention.self.query", "query"), ("attention.self.key", "key"),
-                         ("attention.self.value", "value"), ("attention.output.dense", "attention_output"),
-                         ("intermediate.dense", "intermediate"), ("output.dense", "output")):
+        for hf, ours in attn + (("intermediate.dense", "intermediate"), ("output.dense", "output")):
             m += [(p + hf + ".weight", (f"layer_{i}", ours, "kernel"), "linear"),
                   (p + hf + ".bias", (f"layer_{i}", ours, "bias"), "copy")]
-        for hf, ours in (("attention.output.LayerNorm", "attention_norm"), ("output.LayerNorm", "output_norm")):
+        for hf, ours in ((attn_norm, "attention_norm"), ("output.LayerNorm", "output_norm")):
             m += [(p + hf + ".weight", (f"layer_{i}", ours, "scale"), "copy"),
                   (p + hf + ".bias", (f"layer_{i}", ours, "bias"), "copy")]
     return [(k, ("encoder",) + path, kind) for k, path, kind in m]
@@ -170,8 +236,46 @@ def _t5_mapping(cfg: T5Config) -> Mapping:
     return [(k, ("encoder",) + path, kind) for k, path, kind in m]
 
 
+def _modernbert_mapping(cfg: ModernBertConfig) -> Mapping:
+    """Kinds "linear:i/n": rows i*R/n .. (i+1)*R/n of a fused [R, in] weight (Wqkv: query / key / value; Wi:
+    input / gate), transposed."""
+    m: Mapping = [("embeddings.tok_embeddings.weight", ("token_embedder", "embedding"), "copy")]
+    norms = [("embeddings.norm", ("embeddings_norm",)), ("final_norm", ("final_norm",))]
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        if i:
+            norms.append((p + "attn_norm", (f"layer_{i}", "attention_norm")))
+        norms.append((p + "mlp_norm", (f"layer_{i}", "mlp_norm")))
+        linears = [(p + "attn.Wqkv", (f"layer_{i}", name), f"linear:{j}/3", cfg.attention_bias)
+                   for j, name in enumerate(("query", "key", "value"))]
+        linears += [(p + "attn.Wo", (f"layer_{i}", "attention_output"), "linear", cfg.attention_bias),
+                    (p + "mlp.Wi", (f"layer_{i}", "wi_0"), "linear:0/2", cfg.mlp_bias),
+                    (p + "mlp.Wi", (f"layer_{i}", "wi_1"), "linear:1/2", cfg.mlp_bias),
+                    (p + "mlp.Wo", (f"layer_{i}", "wo"), "linear", cfg.mlp_bias)]
+        for hf, path, kind, bias in linears:
+            m.append((hf + ".weight", path + ("kernel",), kind))
+            if bias:
+                m.append((hf + ".bias", path + ("bias",), kind.replace("linear", "copy")))
+    for hf, path in norms:
+        m.append((hf + ".weight", path + ("scale",), "copy"))
+        if cfg.norm_bias:
+            m.append((hf + ".bias", path + ("bias",), "copy"))
+    return [(k, ("encoder",) + path, kind) for k, path, kind in m]
+
+
 def _mapping(cfg: ModelConfig) -> Mapping:
+    if cfg.architecture == "modernbert":
+        return _modernbert_mapping(cfg.encoder)
     return _bert_mapping(cfg.encoder) if cfg.architecture == "bert" else _t5_mapping(cfg.encoder)
+
+
+def _part(kind: str) -> tuple[str, int, int]:
+    """"linear:1/3" -> ("linear", 1, 3); plain kinds are part 0 of 1."""
+    base, _, frac = kind.partition(":")
+    if not frac:
+        return base, 0, 1
+    i, n = frac.split("/")
+    return base, int(i), int(n)
 
 
 def _strip_prefix(tensors: dict[str, np.ndarray], anchor: str) -> dict[str, np.ndarray]:
@@ -199,7 +303,9 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
 
 def hf_to_tower_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], source: str) -> dict:
     """HF tensors -> the params of one tower (encoder part)."""
-    if cfg.architecture == "bert":
+    if cfg.architecture == "modernbert":
+        tensors = _strip_prefix(tensors, "embeddings.tok_embeddings.weight")
+    elif cfg.architecture == "bert":
         tensors = _strip_prefix(tensors, "embeddings.word_embeddings.weight")
         # very old checkpoints name LayerNorm params gamma / beta
         tensors = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
@@ -213,8 +319,17 @@ def hf_to_tower_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], source:
         if key not in tensors:
             missing.append(key)
             continue
+        base, i, n = _part(kind)
         v = tensors[key]
-        _set(params, path, np.ascontiguousarray(v.T) if kind == "linear" else v)
+        lazy = isinstance(v, LazyWeight)
+        if n > 1:
+            if v.shape[0] % n:
+                raise ModelLoadError(f"{source}: {key} has {v.shape[0]} rows, not divisible into {n} parts")
+            rows = v.shape[0] // n
+            v = v.part(i, n) if lazy else v[i * rows:(i + 1) * rows]
+        if base == "linear":
+            v = v.transposed() if lazy else np.ascontiguousarray(v.T)
+        _set(params, path, v)
     if missing:
         raise ModelLoadError(f"{source}: {len(missing)} weights missing for a {cfg.architecture} model "
                              f"(first: {missing[0]}); the file does not match config.json")
@@ -222,11 +337,16 @@ def hf_to_tower_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], source:
 
 
 def tower_params_to_hf(cfg: ModelConfig, tower: dict) -> dict[str, np.ndarray]:
-    out = {}
+    out: dict[str, Any] = {}
     for key, path, kind in _mapping(cfg):
+        base, i, n = _part(kind)
         v = np.asarray(_get(tower, path), dtype=np.float32)
-        out[key] = np.ascontiguousarray(v.T if kind == "linear" else v)
-    return out
+        v = np.ascontiguousarray(v.T if base == "linear" else v)
+        if n > 1:   # parts of a fused weight, in order
+            out.setdefault(key, [None] * n)[i] = v
+        else:
+            out[key] = v
+    return {k: (np.concatenate(v, axis=0) if isinstance(v, list) else v) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -269,8 +389,11 @@ def _pooling_from_st(cfg: dict, source: Path) -> str:
     return _ST_POOLING[mode]
 
 
-def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True) -> tuple[ModelConfig, dict | None, Path, dict]:
-    """Reads a sentence-transformers or Hugging Face folder.
+def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True,
+                lazy: bool = False) -> tuple[ModelConfig, dict | None, Path, dict]:
+    """Reads a sentence-transformers or Hugging Face folder. `lazy`: the encoder's weights are `LazyWeight`s,
+    read slice by slice where they are placed (training onto a mesh: no host holds more than its devices' parts
+    at a time, no device a whole weight).
 
     Returns (config, params, transformer_dir, extras) where params is the full DualEncoder tree (None with
     `weights=False`: the configuration only, no tensors read) and extras
@@ -329,7 +452,7 @@ def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True) -> tuple
                           projection_bias=bool(dcfg.get("bias", True)),
                           projection_activation=_ST_ACTIVATIONS[act])
     if max_length is None:
-        max_length = getattr(enc_cfg, "max_position_embeddings", 512)
+        max_length = getattr(enc_cfg, "max_positions", None) or getattr(enc_cfg, "max_position_embeddings", 512)
     cfg = ModelConfig(architecture=arch, encoder=enc_cfg, head=head, shared_towers=True, max_length=int(max_length))
     extras = {}
     st_cfg = root / "config_sentence_transformers.json"
@@ -338,7 +461,8 @@ def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True) -> tuple
         extras = {k: c[k] for k in ("prompts", "default_prompt_name", "similarity_fn_name") if c.get(k)}
     if not weights:
         return cfg, None, transformer_dir, extras
-    tower = hf_to_tower_params(cfg, read_safetensors(transformer_dir), str(transformer_dir / "model.safetensors"))
+    tower = hf_to_tower_params(cfg, read_safetensors(transformer_dir, lazy=lazy),
+                               str(transformer_dir / "model.safetensors"))
     if proj is not None:
         tower["projection"] = proj
     return cfg, {"tower": tower}, transformer_dir, extras

@@ -12,10 +12,12 @@ import flax.linen as nn
 
 from embedjax.models.bert import BertConfig, BertEncoder
 from embedjax.models.layers import Dense, activation
+from embedjax.models.modernbert import ModernBertConfig, ModernBertEncoder
 from embedjax.models.t5 import T5Config, T5Encoder
 
 POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
-ARCHITECTURES = {"bert": (BertConfig, BertEncoder), "t5": (T5Config, T5Encoder)}
+ARCHITECTURES = {"bert": (BertConfig, BertEncoder), "t5": (T5Config, T5Encoder),
+                 "modernbert": (ModernBertConfig, ModernBertEncoder)}
 Tower = Literal["query", "document"]
 
 
@@ -37,8 +39,8 @@ class HeadConfig:
 class ModelConfig:
     """Everything needed to build the Flax module; serialisable to JSON."""
 
-    architecture: str                     # "bert" | "t5"
-    encoder: BertConfig | T5Config
+    architecture: str                     # "bert" (BERT, RoBERTa, XLM-R, MPNet) | "t5" | "modernbert"
+    encoder: BertConfig | T5Config | ModernBertConfig
     head: HeadConfig = HeadConfig()
     shared_towers: bool = True
     max_length: int = 512

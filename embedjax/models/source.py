@@ -1,6 +1,13 @@
 """Where a model starts, resolved in the models layer: `init_from` (a model folder, a hub id, or another
 training run "WORKDIR[@STEP]") or `model_config` + `tokenizer` (random initialisation).
 
+`init_from` a model folder plus `model_config` changes the head of the pretrained encoder (Sentence-T5's
+projection on t5-base, another pooling, normalisation, separate towers started from the one pretrained tower):
+`model_config` may then hold `head` (any of pooling, projection_dim, projection_bias, projection_activation,
+normalize), `shared_towers` and `max_length`; the encoder comes from the checkpoint. Weights the new head has
+and the checkpoint lacks (a new or resized projection) are initialised by the model's own initialisers, and
+the run's config.json records the whole choice, so export and evaluation rebuild the same model.
+
     src = resolve(config)                    # ModelSource: config, pretrained params or None, tokenizer
     src.run                                  # (workdir, step) when starting from another run's checkpoint
 
@@ -15,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from embedjax.errors import ConfigError
-from embedjax.models.dual_encoder import ModelConfig
+from embedjax.models.dual_encoder import HeadConfig, ModelConfig, tower_params
+
+HEAD_KEYS = ("head", "shared_towers", "max_length")   # what model_config may change on top of init_from
 
 
 @dataclasses.dataclass
@@ -60,6 +69,40 @@ def run_reference(init_from: str) -> tuple[Any, int | None] | None:
     return p, (int(step) if step else None)
 
 
+def with_head(cfg: ModelConfig, overrides: dict[str, Any], source: str) -> ModelConfig:
+    """The pretrained model's config with `model_config`'s head / towers / max_length applied."""
+    bad = sorted(set(overrides) - set(HEAD_KEYS))
+    if bad:
+        raise ConfigError(f"config: model_config.{bad[0]} cannot be set with init_from {source!r}: the checkpoint "
+                          f"defines the encoder; with init_from, model_config may set {', '.join(HEAD_KEYS)}")
+    head = dict(overrides.get("head") or {})
+    known = {f.name for f in dataclasses.fields(HeadConfig)}
+    if set(head) - known:
+        raise ConfigError(f"config: model_config.head.{sorted(set(head) - known)[0]} is not a head setting; "
+                          f"known: {', '.join(sorted(known))}")
+    try:
+        new_head = HeadConfig(**{**dataclasses.asdict(cfg.head), **head})
+    except ValueError as e:
+        raise ConfigError(f"config: model_config.head: {e}") from None
+    return dataclasses.replace(cfg, head=new_head, shared_towers=bool(overrides.get("shared_towers",
+                                                                                       cfg.shared_towers)),
+                               max_length=int(overrides.get("max_length", cfg.max_length)))
+
+
+def carry_over(params: dict, old: ModelConfig, new: ModelConfig) -> dict:
+    """The pretrained weights that fit the new head: the encoder always (in both towers when they are now
+    separate), the projection when it keeps its shape and bias. What is left out is initialised fresh (a
+    partial tree: `train_step.create_train_state` fills the rest)."""
+    tower = tower_params(old, params)
+    kept: dict[str, Any] = {"encoder": tower["encoder"]}
+    if "projection" in tower and new.head.projection_dim == old.head.projection_dim \
+            and new.head.projection_bias == old.head.projection_bias:
+        kept["projection"] = tower["projection"]
+    if new.shared_towers:
+        return {"tower": kept}
+    return {"query_tower": kept, "document_tower": dict(kept)}
+
+
 def _long_enough(cfg: ModelConfig, config: Any) -> ModelConfig:
     max_len = max(config.max_query_length, config.max_document_length)
     return dataclasses.replace(cfg, max_length=max_len) if max_len > cfg.max_length else cfg
@@ -79,10 +122,18 @@ def resolve(config: Any, *, weights: bool = True, tokenizer: bool = True) -> Mod
 
     if config.init_from:
         run = run_reference(config.init_from)
+        overrides = dict(config.model_config.to_dict()) if config.model_config else {}
         if run is not None:
+            if overrides:
+                raise ConfigError(f"config: model_config cannot be combined with init_from the training run "
+                                  f"{config.init_from!r} (its config.json defines the model)")
             src = resolve(read_workdir_config(run[0]), weights=False, tokenizer=tokenizer)
             return ModelSource(_long_enough(src.config, config), None, src.tokenizer, src.tokenizer_dir, run)
-        cfg, params, tdir, _ = load_folder(config.init_from, weights=weights)
+        cfg, params, tdir, _ = load_folder(config.init_from, weights=weights, lazy=True)
+        if overrides:
+            new = with_head(cfg, overrides, config.init_from)
+            params = None if params is None else carry_over(params, cfg, new)
+            cfg = new
         return ModelSource(_long_enough(cfg, config), params, tok(tdir), tdir)
     cfg = ModelConfig.from_dict(config.model_config.to_dict())
     tdir = resolve_model_dir(config.tokenizer) if tokenizer else None

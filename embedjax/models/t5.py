@@ -57,6 +57,10 @@ class T5Config:
     def from_hf(cls, cfg: dict[str, Any]) -> "T5Config":
         fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
         kwargs = {k: cfg[k] for k in fields if k in cfg}
+        if "feed_forward_proj" not in cfg:
+            # transformers' own defaults: T5Config "relu" (t5-small ... t5-11b, v1.0, whose config.json files
+            # have no such key), MT5Config "gated-gelu"
+            kwargs["feed_forward_proj"] = "gated-gelu" if cfg.get("model_type") == "mt5" else "relu"
         if "num_layers" not in kwargs and "num_hidden_layers" in cfg:
             kwargs["num_layers"] = cfg["num_hidden_layers"]
         return cls(**kwargs)

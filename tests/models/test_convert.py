@@ -18,6 +18,35 @@ def test_round_trip_minilm_to_sentence_transformers(minilm, tmp_path, stsb_test_
     assert again.fingerprint == minilm.fingerprint
 
 
+def test_sentence_transformers_6x_folder_loads(st_minilm, minilm, tmp_path, stsb_test_sentences):
+    """all-MiniLM-L6-v2 re-saved by the installed sentence-transformers (6.x: `pooling_mode`, `include_prompt`,
+    module types under sentence_transformers.sentence_transformer / base) loads and encodes as it does."""
+    from embedjax import Encoder
+
+    folder = tmp_path / "st6"
+    st_minilm.save(str(folder))
+    pool = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    assert pool.get("pooling_mode") == "mean" and "pooling_mode_mean_tokens" not in pool, pool
+    enc = Encoder.load(folder)
+    texts = stsb_test_sentences[:64]
+    np.testing.assert_allclose(enc.encode(texts), st_minilm.encode(texts), atol=1e-5)
+    assert enc.fingerprint == minilm.fingerprint
+
+
+def test_pooling_config_layouts(tmp_path):
+    from embedjax.models.convert import ModelLoadError, _pooling_from_st
+
+    assert _pooling_from_st({"pooling_mode_mean_tokens": True}, tmp_path) == "mean"
+    assert _pooling_from_st({"pooling_mode": "cls", "include_prompt": True}, tmp_path) == "cls"
+    assert _pooling_from_st({"pooling_mode": ["mean_sqrt_len_tokens"]}, tmp_path) == "mean_sqrt_len"
+    with pytest.raises(ModelLoadError, match=r"pooling 'lasttoken' is not supported"):
+        _pooling_from_st({"pooling_mode": "lasttoken"}, tmp_path)
+    with pytest.raises(ModelLoadError, match=r"pooling \('cls', 'mean'\) is not supported"):
+        _pooling_from_st({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True}, tmp_path)
+    with pytest.raises(ModelLoadError, match="include_prompt=false"):
+        _pooling_from_st({"pooling_mode": "mean", "include_prompt": False}, tmp_path)
+
+
 def test_round_trip_sentence_t5_layout(tmp_path, minilm_dir):
     """A T5 encoder + bias-free 2_Dense projection + Normalize (Sentence-T5 layout) survives the round trip."""
     st = pytest.importorskip("sentence_transformers")
@@ -93,7 +122,7 @@ def test_unknown_architecture_lists_supported(minilm_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"model_type 'gpt2' is not supported; supported: bert, t5, mt5"):
+    with pytest.raises(ModelLoadError, match=r"model_type 'gpt2' is not supported; supported: bert, roberta, xlm-roberta, t5, mt5"):
         Encoder.load(d)
 
 

@@ -7,18 +7,33 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("ff", ["relu", "gated-gelu"])
+@pytest.mark.parametrize("ff", ["relu", "gated-gelu", "t5-v1.0-config", "mt5-config"])
 def test_t5_hidden_states_match(tmp_path, ff):
+    """'t5-v1.0-config': a ReLU model whose config.json has no feed_forward_proj, as t5-small ... t5-11b ship
+    (Sentence-T5 and GTR start from them): transformers reads that as ReLU, so must embedjax. 'mt5-config': an
+    MT5 config without the key (gated GELU by MT5Config's default)."""
+    import json
+
     from embedjax.models.convert import load_folder
     from embedjax.models.t5 import T5Encoder
 
     torch.manual_seed(0)
-    hf_cfg = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
-                                   relative_attention_num_buckets=32, relative_attention_max_distance=20,
-                                   feed_forward_proj=ff, dropout_rate=0.0)
-    model = transformers.T5EncoderModel(hf_cfg).eval()
+    mt5 = ff == "mt5-config"
+    proj = {"t5-v1.0-config": "relu", "mt5-config": "gated-gelu"}.get(ff, ff)
+    cls = (transformers.MT5Config, transformers.MT5EncoderModel) if mt5 else (transformers.T5Config,
+                                                                           transformers.T5EncoderModel)
+    hf_cfg = cls[0](vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                    relative_attention_num_buckets=32, relative_attention_max_distance=20,
+                    feed_forward_proj=proj, dropout_rate=0.0)
+    model = cls[1](hf_cfg).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
+    if ff in ("t5-v1.0-config", "mt5-config"):   # the published config.json files have none of these keys
+        c = json.loads((tmp_path / "config.json").read_text())
+        for k in ("feed_forward_proj", "dense_act_fn", "is_gated_act"):
+            c.pop(k, None)
+        (tmp_path / "config.json").write_text(json.dumps(c))
+        assert getattr(cls[0].from_pretrained(tmp_path), "feed_forward_proj") == proj   # transformers' reading
 
     rng = np.random.default_rng(0)
     ids = rng.integers(2, 128, size=(3, 40)).astype(np.int64)
@@ -30,7 +45,7 @@ def test_t5_hidden_states_match(tmp_path, ff):
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
 
     cfg, params, _, _ = load_folder(tmp_path)
-    assert cfg.architecture == "t5" and cfg.encoder.is_gated == (ff == "gated-gelu")
+    assert cfg.architecture == "t5" and cfg.encoder.is_gated == (proj == "gated-gelu")
     ours = np.asarray(T5Encoder(cfg.encoder).apply({"params": params["tower"]["encoder"]},
                                                    ids.astype(np.int32), mask.astype(np.int32)))
     valid = mask.astype(bool)

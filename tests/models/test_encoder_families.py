@@ -1,0 +1,158 @@
+"""RoBERTa, XLM-RoBERTa (multilingual-e5, bge-m3 start from them), MPNet (all-mpnet-base-v2) and ModernBERT
+(local / global attention, rotary positions, GeGLU; modernbert-embed, gte-modernbert): tiny random
+models built with transformers' PyTorch classes agree with embedjax's BERT-family encoder after loading
+(positions counted from pad_token_id + 1 over the real tokens, MPNet's relative position bias, padding present); a sentence-transformers folder saved by the installed
+sentence-transformers (its 6.x layout) loads and encodes as `SentenceTransformer.encode` does, and what embedjax
+saves loads back in sentence-transformers with the same embeddings."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+st = pytest.importorskip("sentence_transformers")
+
+TEXTS = ["a short one", "a rather longer sentence with several more words in it to pad the others",
+         "tokens, punctuation; and UNUSUAL casing!", "x"]
+
+
+def _tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "modernbert":   # 4 layers: global, local, local, global; a window of 4 tokens either side
+        cfg = transformers.ModernBertConfig(
+            vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=128, local_attention=8, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            cls_token_id=0, sep_token_id=2, attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0)
+        cfg._attn_implementation = "eager"
+        return transformers.ModernBertModel(cfg).eval()
+    cls = {"roberta": (transformers.RobertaConfig, transformers.RobertaModel),
+           "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaModel),
+           "mpnet": (transformers.MPNetConfig, transformers.MPNetModel)}[kind]
+    extra = {} if kind == "mpnet" else {"type_vocab_size": 1}
+    cfg = cls[0](vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra)
+    return cls[1](cfg, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta", "mpnet", "modernbert"])
+def test_hidden_states_match(tmp_path, kind):
+    from embedjax.models.convert import load_folder
+    from embedjax.models.dual_encoder import ARCHITECTURES
+
+    model = _tiny(kind)
+    if kind == "mpnet":   # a non-zero relative position bias (transformers initialises the table near zero)
+        with torch.no_grad():
+            model.encoder.relative_attention_bias.weight.normal_(0, 1.0)
+    model.save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 300, size=(3, 40)).astype(np.int64)
+    ids[:, 0], mask = 0, np.ones_like(ids)
+    mask[1, 25:] = 0
+    mask[2, 3:] = 0
+    ids[mask == 0] = 1          # RoBERTa's padding id
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    cfg, params, _, _ = load_folder(tmp_path)
+    assert cfg.encoder.model_type == kind
+    if kind == "modernbert":
+        assert cfg.architecture == "modernbert" and cfg.max_length == 128
+        assert cfg.encoder.layer_types == ("full_attention", "sliding_attention", "sliding_attention",
+                                           "full_attention")
+    else:
+        assert cfg.architecture == "bert" and cfg.encoder.position_offset == 2
+        assert cfg.max_length == 64     # 66 positions, the first two never used
+    ours = np.asarray(ARCHITECTURES[cfg.architecture][1](cfg.encoder).apply(
+        {"params": params["tower"]["encoder"]}, ids.astype(np.int32), mask.astype(np.int32)))
+    valid = mask.astype(bool)
+    assert np.abs(ours[valid] - ref[valid]).max() <= 1e-5
+
+
+def _bpe_tokenizer(path):
+    """A byte-level BPE tokenizer trained here (RoBERTa's kind), saved as a RobertaTokenizerFast folder."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    words = " ".join(TEXTS) + " the of and to in is was for on with as by at from this that"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([words] * 20, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    path.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(path))
+    tok = transformers.RobertaTokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
+    assert tok.pad_token_id == 1 and tok("a short one")["input_ids"][0] == 0
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["roberta", "mpnet", "modernbert"])
+def test_sentence_transformers_folder_round_trip(tmp_path, kind):
+    from embedjax import Encoder
+
+    tok = _bpe_tokenizer(tmp_path / "tok")
+    model = _tiny(kind)
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+    transformer = st.models.Transformer(str(hf_dir), max_seq_length=48)
+    pooling = st.models.Pooling(transformer.get_word_embedding_dimension(), "mean")
+    ref_model = st.SentenceTransformer(modules=[transformer, pooling, st.models.Normalize()], device="cpu")
+    folder = tmp_path / "st"
+    ref_model.save(str(folder))
+    pool_cfg = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    assert "pooling_mode" in pool_cfg     # the 6.x layout, not the pooling_mode_* flags
+    ref = ref_model.encode(TEXTS, convert_to_numpy=True)
+
+    enc = Encoder.load(folder)
+    assert enc.config.encoder.model_type == kind and enc.max_length == 48
+    ours = enc.encode(TEXTS)
+    assert np.abs(ours - ref).max() <= 1e-5
+    # and back: what embedjax writes, sentence-transformers reads, with the same embeddings
+    back = enc.save(tmp_path / "ours")
+    again = st.SentenceTransformer(str(back), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    assert np.abs(again - ref).max() <= 1e-5
+    assert json.loads((back / "config.json").read_text())["model_type"] == kind
+
+
+# Published configurations (their config.json values): the parameter count of embedjax's encoder equals that of
+# transformers' model built from the same configuration (on torch's meta device: no memory), and the published
+# size (the model cards' figures, in millions, without the pooler embedjax does not use).
+FULL_SIZE = {
+    "t5-base encoder": ("t5", dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+                                   model_type="t5"), 109.6),
+    "xlm-roberta-base": ("xlm-roberta", dict(vocab_size=250002, hidden_size=768, num_hidden_layers=12,
+                                             num_attention_heads=12, intermediate_size=3072,
+                                             max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                                             layer_norm_eps=1e-5, model_type="xlm-roberta"), 277.5),
+    "mpnet-base": ("mpnet", dict(vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                 intermediate_size=3072, max_position_embeddings=514, layer_norm_eps=1e-5,
+                                 relative_attention_num_buckets=32, pad_token_id=1, model_type="mpnet"), 108.9),
+    "modernbert-base": ("modernbert", dict(vocab_size=50368, hidden_size=768, intermediate_size=1152,
+                                           num_hidden_layers=22, num_attention_heads=12,
+                                           max_position_embeddings=8192, pad_token_id=50283,
+                                           model_type="modernbert"), 149.0),
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_parameter_counts(name):
+    import jax
+
+    from embedjax.models.convert import encoder_config_from_hf
+    from embedjax.models.dual_encoder import HeadConfig, ModelConfig, init_params
+
+    kind, hf, published_m = FULL_SIZE[name]
+    arch, enc = encoder_config_from_hf(hf, name)
+    cfg = ModelConfig(arch, enc, HeadConfig(normalize=False), max_length=128)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    classes = {"t5": (transformers.T5Config, transformers.T5EncoderModel, {}),
+               "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaModel,
+                               {"add_pooling_layer": False}),
+               "mpnet": (transformers.MPNetConfig, transformers.MPNetModel, {"add_pooling_layer": False}),
+               "modernbert": (transformers.ModernBertConfig, transformers.ModernBertModel, {})}
+    cfg_cls, model_cls, kw = classes[kind]
+    with torch.device("meta"):
+        ref_model = model_cls(cfg_cls(**{k: v for k, v in hf.items() if k != "model_type"}), **kw)
+    ref = sum(p.numel() for p in ref_model.parameters())   # a shared tensor (T5's embedding) counted once
+    assert ours == ref, (name, ours, ref)
+    assert abs(ours / 1e6 - published_m) / published_m < 0.01, (name, ours)
