@@ -63,14 +63,13 @@ def result_table(before: dict[str, float], after: dict[str, float], names: list[
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's object API, not pyplot: no global backend is switched (a notebook's inline plots keep working)
+    from matplotlib.figure import Figure
 
     train = [r for r in rows if "train/loss" in r]
     evals = eval_series(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
     ax = axes[0]
     if train:
         steps = [r["step"] for r in train]
@@ -105,7 +104,6 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

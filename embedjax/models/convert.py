@@ -425,8 +425,13 @@ def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True,
         if not seen_transformer:
             raise ModelLoadError(f"{modules_file}: no Transformer module")
         sbert = transformer_dir / "sentence_bert_config.json"
-        if sbert.is_file():
+        if sbert.is_file():   # v2-v5 keep the length here; 6.x in the tokenizer's model_max_length
             max_length = _read_json(sbert).get("max_seq_length")
+        tok_cfg = transformer_dir / "tokenizer_config.json"
+        if max_length is None and tok_cfg.is_file():
+            n = _read_json(tok_cfg).get("model_max_length")
+            if isinstance(n, int) and 0 < n < 1_000_000:   # transformers writes 1e30 for "no limit"
+                max_length = n
     else:
         log.warning("%s has no modules.json: using mean pooling without normalisation (as sentence-transformers "
                     "does for a plain Hugging Face model)", root)
@@ -491,6 +496,10 @@ def save_sentence_transformers(path: str | os.PathLike, cfg: ModelConfig, params
     _write_json(out / "config.json", hf)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        # the length limit where sentence-transformers 6.x reads it (v2-v5: sentence_bert_config.json, below)
+        tc = out / "tokenizer_config.json"
+        if tc.is_file():
+            _write_json(tc, {**_read_json(tc), "model_max_length": cfg.max_length})
         # a SentencePiece model file (T5) is not always re-written by fast tokenizers: copy it along
         vf = getattr(tokenizer, "vocab_file", None)
         if vf and Path(vf).is_file() and Path(vf).suffix == ".model" and not (out / Path(vf).name).exists():

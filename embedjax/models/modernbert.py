@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from embedjax.models.layers import Dense, Embed, LayerNorm, activation, head_scale, masked_attention, rotary
@@ -111,7 +112,7 @@ class ModernBertLayer(nn.Module):
         h = x_BxLxD if self.index == 0 else LayerNorm(name="attention_norm", **norm)(x_BxLxD)
         qkv = [Dense(H * K, ("embed", "heads"), use_bias=cfg.attention_bias, dtype=dtype, name=n)(h).reshape(B, L, H, K)
                for n in ("query", "key", "value")]
-        positions = jnp.arange(L)
+        positions = np.arange(L)   # static: the rotary tables are constants of the compiled program
         theta = cfg.local_rope_theta if sliding else cfg.global_rope_theta
         q, k = rotary(qkv[0], positions, theta), rotary(qkv[1], positions, theta)
         ctx = masked_attention(q, k, qkv[2], mask_BxL, scale=head_scale(K),

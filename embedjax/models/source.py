@@ -124,10 +124,11 @@ def resolve(config: Any, *, weights: bool = True, tokenizer: bool = True) -> Mod
         run = run_reference(config.init_from)
         overrides = dict(config.model_config.to_dict()) if config.model_config else {}
         if run is not None:
-            if overrides:
-                raise ConfigError(f"config: model_config cannot be combined with init_from the training run "
-                                  f"{config.init_from!r} (its config.json defines the model)")
-            src = resolve(read_workdir_config(run[0]), weights=False, tokenizer=tokenizer)
+            run_config = read_workdir_config(run[0])
+            if overrides and overrides != run_config.model_config.to_dict():
+                raise ConfigError(f"config: model_config differs from that of the training run {config.init_from!r} "
+                                  "it starts from (its config.json defines the model): leave it out or make it equal")
+            src = resolve(run_config, weights=False, tokenizer=tokenizer)
             return ModelSource(_long_enough(src.config, config), None, src.tokenizer, src.tokenizer_dir, run)
         cfg, params, tdir, _ = load_folder(config.init_from, weights=weights, lazy=True)
         if overrides:

@@ -21,6 +21,8 @@ def test_round_trip_minilm_to_sentence_transformers(minilm, tmp_path, stsb_test_
 def test_sentence_transformers_6x_folder_loads(st_minilm, minilm, tmp_path, stsb_test_sentences):
     """all-MiniLM-L6-v2 re-saved by the installed sentence-transformers (6.x: `pooling_mode`, `include_prompt`,
     module types under sentence_transformers.sentence_transformer / base) loads and encodes as it does."""
+    import jax
+
     from embedjax import Encoder
 
     folder = tmp_path / "st6"
@@ -28,9 +30,11 @@ def test_sentence_transformers_6x_folder_loads(st_minilm, minilm, tmp_path, stsb
     pool = json.loads((folder / "1_Pooling" / "config.json").read_text())
     assert pool.get("pooling_mode") == "mean" and "pooling_mode_mean_tokens" not in pool, pool
     enc = Encoder.load(folder)
-    texts = stsb_test_sentences[:64]
+    assert enc.max_length == 256        # 6.x keeps max_seq_length as the tokenizer's model_max_length
+    texts = stsb_test_sentences[:64] + [" ".join(stsb_test_sentences[:40])]   # and one text past it
     np.testing.assert_allclose(enc.encode(texts), st_minilm.encode(texts), atol=1e-5)
-    assert enc.fingerprint == minilm.fingerprint
+    for a, b in zip(jax.tree.leaves(enc.params), jax.tree.leaves(minilm.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_pooling_config_layouts(tmp_path):
@@ -122,7 +126,7 @@ def test_unknown_architecture_lists_supported(minilm_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"model_type 'gpt2' is not supported; supported: bert, roberta, xlm-roberta, t5, mt5"):
+    with pytest.raises(ModelLoadError, match=r"model_type 'gpt2' is not supported; supported: bert, roberta, xlm-roberta, mpnet, modernbert, t5, mt5"):
         Encoder.load(d)
 
 

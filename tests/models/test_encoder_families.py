@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 st = pytest.importorskip("sentence_transformers")
 
 TEXTS = ["a short one", "a rather longer sentence with several more words in it to pad the others",
-         "tokens, punctuation; and UNUSUAL casing!", "x"]
+         "tokens, punctuation; and UNUSUAL casing!", "x",
+         " ".join(["the words of a text longer than the 48-token limit, which both sides must cut alike"] * 4)]
 
 
 def _tiny(kind: str):
@@ -70,17 +71,21 @@ def test_hidden_states_match(tmp_path, kind):
 
 
 def _bpe_tokenizer(path):
-    """A byte-level BPE tokenizer trained here (RoBERTa's kind), saved as a RobertaTokenizerFast folder."""
+    """A byte-level BPE tokenizer trained here (RoBERTa's kind) with RoBERTa's <s> ... </s> framing. Built from
+    the tokenizer object: transformers 5's RobertaTokenizerFast(vocab_file=...) ignores the files it is given."""
     from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
 
     words = " ".join(TEXTS) + " the of and to in is was for on with as by at from this that"
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([words] * 20, vocab_size=300, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    path.mkdir(parents=True, exist_ok=True)
-    bpe.save_model(str(path))
-    tok = transformers.RobertaTokenizerFast(vocab_file=str(path / "vocab.json"), merges_file=str(path / "merges.txt"))
-    assert tok.pad_token_id == 1 and tok("a short one")["input_ids"][0] == 0
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                               cls_token="<s>", sep_token="</s>", pad_token="<pad>",
+                                               unk_token="<unk>", mask_token="<mask>")
+    ids = tok("a short one")["input_ids"]
+    assert tok.pad_token_id == 1 and ids[0] == 0 and ids[-1] == 2 and len(ids) > 4 and 3 not in ids, ids
     return tok
 
 
@@ -93,9 +98,11 @@ def test_sentence_transformers_folder_round_trip(tmp_path, kind):
     hf_dir = tmp_path / "hf"
     model.save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
-    transformer = st.models.Transformer(str(hf_dir), max_seq_length=48)
-    pooling = st.models.Pooling(transformer.get_word_embedding_dimension(), "mean")
-    ref_model = st.SentenceTransformer(modules=[transformer, pooling, st.models.Normalize()], device="cpu")
+    from sentence_transformers.sentence_transformer import modules
+
+    transformer = modules.Transformer(str(hf_dir), max_seq_length=48)
+    pooling = modules.Pooling(transformer.get_embedding_dimension(), "mean")
+    ref_model = st.SentenceTransformer(modules=[transformer, pooling, modules.Normalize()], device="cpu")
     folder = tmp_path / "st"
     ref_model.save(str(folder))
     pool_cfg = json.loads((folder / "1_Pooling" / "config.json").read_text())
