@@ -7,8 +7,8 @@ fresh processes with 8 fake CPU devices and fsdp=8 places it on the mesh:
   `train_step.create_train_state`): each device's part is read from the file into a sharded array;
 * ``whole``: the file read whole into host memory first (`load_folder(..., lazy=False)`), then placed.
 
-Each process reports its resident memory before loading, the peak during it (both from the kernel), and the
-increase over the checkpoint's size. On CPU the 8 "devices" live in host memory too, so the floor is 1.0x (the
+Each process reports its resident memory before loading and the peak during it (the kernel's VmRSS, and VmHWM
+reset just before loading through /proc/self/clear_refs), and the increase over the checkpoint's size. On CPU the 8 "devices" live in host memory too, so the floor is 1.0x (the
 placed parameters themselves). It also checks that no device holds a whole weight. No optimizer is built.
 
     python bench/load_sharded.py [--hidden 1024 --layers 18] [--keep DIR]
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np, optax
 from embedjax import sharding
@@ -36,9 +36,9 @@ from embedjax.models.source import resolve
 from embedjax.models.convert import load_folder
 from embedjax.train_step import create_train_state
 
-def rss():
+def status(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
 mode, folder = sys.argv[1], sys.argv[2]
@@ -47,13 +47,15 @@ cfg.model_config = {}
 mesh = sharding.make_mesh(dict(cfg.mesh))
 src = resolve(cfg, weights=False)          # configuration and tokenizer only, before the measurement
 jax.block_until_ready(jax.device_put(np.zeros(8), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))))
-before = rss()
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:   # the kernel's peak (VmHWM) restarts from here
+    f.write("5")
 t0 = time.time()
 params = resolve(cfg).params if mode == "sliced" else load_folder(folder, lazy=False)[1]
 state, _ = create_train_state(src.config, {}, optax.identity(), mesh, jax.random.key(0), pretrained=params)
 jax.block_until_ready(state.params)
 seconds = time.time() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 whole = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(state.params["model"])[0]
          if x.ndim >= 2 and any(s.data.shape == x.shape for s in x.addressable_shards)]
 n_params = sum(int(x.size) for x in jax.tree.leaves(state.params["model"]))

@@ -107,8 +107,9 @@ class LazyWeight:
     """
 
     def __init__(self, file: Path, key: str, file_shape: tuple[int, ...], *, transpose: bool = False,
-                 rows: tuple[int, int] | None = None):
+                 rows: tuple[int, int] | None = None, file_dtype: str = "F32"):
         self.file, self.key, self.file_shape, self.transpose, self.rows = file, key, tuple(file_shape), transpose, rows
+        self.file_dtype = file_dtype
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -125,10 +126,12 @@ class LazyWeight:
 
     def part(self, i: int, n: int) -> "LazyWeight":
         rows = self.file_shape[0] // n
-        return LazyWeight(self.file, self.key, self.file_shape, rows=(i * rows, (i + 1) * rows))
+        return LazyWeight(self.file, self.key, self.file_shape, rows=(i * rows, (i + 1) * rows),
+                          file_dtype=self.file_dtype)
 
     def transposed(self) -> "LazyWeight":
-        return LazyWeight(self.file, self.key, self.file_shape, transpose=not self.transpose, rows=self.rows)
+        return LazyWeight(self.file, self.key, self.file_shape, transpose=not self.transpose, rows=self.rows,
+                          file_dtype=self.file_dtype)
 
     def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
         from safetensors import safe_open
@@ -140,7 +143,9 @@ class LazyWeight:
         if self.rows is not None:   # rows of the part, offset into the fused weight
             start, stop, _ = idx[0].indices(self.rows[1] - self.rows[0])
             idx[0] = slice(self.rows[0] + start, self.rows[0] + stop)
-        with safe_open(str(self.file), framework="flax") as st:   # "flax": bfloat16 files read too
+        # numpy where it can hold the file's dtype (no device copy in between); bfloat16 needs "flax"
+        framework = "flax" if self.file_dtype == "BF16" else "numpy"
+        with safe_open(str(self.file), framework=framework) as st:
             x = np.asarray(st.get_slice(self.key)[tuple(idx)], dtype=np.float32)
         return np.ascontiguousarray(x.T if self.transpose else x)
 
@@ -176,7 +181,8 @@ def read_safetensors(folder: Path, *, lazy: bool = False) -> dict[str, Any]:
             with safe_open(str(f), framework="flax") as st:
                 for k in st.keys():
                     if lazy:
-                        out[k] = LazyWeight(f, k, tuple(st.get_slice(k).get_shape()))
+                        sl = st.get_slice(k)
+                        out[k] = LazyWeight(f, k, tuple(sl.get_shape()), file_dtype=str(sl.get_dtype()))
                     else:
                         out[k] = np.asarray(st.get_tensor(k), dtype=np.float32)
         except Exception as e:
