@@ -241,6 +241,21 @@ def in_batch_softmax(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any,
     return _in_batch_finish(sums, q.shape[0], temperature)
 
 
+def _shard_map_in_batch(body: Callable, mesh: Mesh, axes: tuple[str, ...], q_BxD: Any, d_BxD: Any, temperature: Any,
+                        hn_BxKxD: Any, hn_valid_BxK: Any) -> tuple[jax.Array, Metrics]:
+    """`body(q_bxD, d_bxD, temperature, [hard negatives, [their validity]])` as a shard_map over the batch axes:
+    the in-batch softmax forms' one calling convention."""
+    args = [_float(q_BxD), _float(d_BxD), _float(temperature)]
+    specs = [P(axes, None), P(axes, None), P()]
+    if hn_BxKxD is not None:
+        args.append(_float(hn_BxKxD))
+        specs.append(P(axes, None, None))
+        if hn_valid_BxK is not None:
+            args.append(jnp.asarray(hn_valid_BxK).astype(bool))
+            specs.append(P(axes, None))
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
+
+
 def in_batch_softmax_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any, mesh: Mesh,
                              axis_names: str | Sequence[str] | None = None,
                              hard_negatives_BxKxD: jax.Array | None = None, bidirectional: bool = True,
@@ -271,15 +286,8 @@ def in_batch_softmax_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature:
                               margin=margin, hn_valid_N=valid_all)
         return _in_batch_finish(jax.lax.psum(sums, axes), B, temp)
 
-    args = [_float(q_BxD), _float(d_BxD), _float(temperature)]
-    specs = [P(axes, None), P(axes, None), P()]
-    if with_hn:
-        args.append(_float(hard_negatives_BxKxD))
-        specs.append(P(axes, None, None))
-    if with_valid:
-        args.append(jnp.asarray(hard_negatives_valid_BxK).astype(bool))
-        specs.append(P(axes, None))
-    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
+    return _shard_map_in_batch(body, mesh, axes, q_BxD, d_BxD, temperature, hard_negatives_BxKxD,
+                               hard_negatives_valid_BxK if with_valid else None)
 
 
 # ------------------------------------------------------------------------------------ SigLIP sigmoid loss
@@ -553,15 +561,8 @@ def in_batch_softmax_ring(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: An
             sums["loss_d2q"], sums["accuracy_d2q"] = loss, correct
         return _in_batch_finish(jax.lax.psum(sums, axes), B, temp)
 
-    args = [_float(q_BxD), _float(d_BxD), _float(temperature)]
-    specs = [P(axes, None), P(axes, None), P()]
-    if with_hn:
-        args.append(_float(hard_negatives_BxKxD))
-        specs.append(P(axes, None, None))
-    if with_valid:
-        args.append(jnp.asarray(hard_negatives_valid_BxK).astype(bool))
-        specs.append(P(axes, None))
-    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
+    return _shard_map_in_batch(body, mesh, axes, q_BxD, d_BxD, temperature, hard_negatives_BxKxD,
+                               hard_negatives_valid_BxK if with_valid else None)
 
 
 # ------------------------------------------------------------------------------------ scored pairs (STS)
