@@ -113,6 +113,9 @@ def cluster_detected(environ: dict | None = None) -> bool:
     import os
 
     env = os.environ if environ is None else environ
+    # libtpu, probed without a TPU, leaves placeholders such as TPU_WORKER_HOSTNAMES="WARNING: could not
+    # determine ..." in the environment of the process (and its children): not a cluster
+    env = {k: v for k, v in env.items() if not str(v).startswith("WARNING")}
     if any(env.get(k) for k in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS",
                                 "JAX_COORDINATOR_ADDRESS")):
         return True
