@@ -503,14 +503,11 @@ def _summarise(workdir: Any, results: dict[str, Any]) -> None:
     if "://" not in str(workdir):
         results["summary"] = [str(p) for p in write_summary(Path(str(workdir)), results)]
         return
-    import shutil
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("metrics.jsonl",):
-            if (workdir / name).exists():
-                (Path(tmp) / name).write_bytes((workdir / name).read_bytes())
+        if (workdir / "metrics.jsonl").exists():
+            (Path(tmp) / "metrics.jsonl").write_bytes((workdir / "metrics.jsonl").read_bytes())
         local = write_summary(Path(tmp), results)
         for p in local:
             (workdir / p.name).write_bytes(p.read_bytes())
-        shutil.rmtree(tmp, ignore_errors=True)
     results["summary"] = [str(workdir / p.name) for p in local]
