@@ -190,21 +190,39 @@ def logical_constraint(x: jax.Array, names: Sequence[str | None],
     per chip). A no-op without such a mesh, inside shard_map, or where a dimension does not divide."""
     if len(names) != x.ndim:
         raise ShardingError(f"logical_constraint: {len(names)} names {tuple(names)} for a {x.ndim}-d array")
+    spec = _activation_spec(names, x.shape, rules)
+    if spec is None or all(a is None for a in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def _activation_spec(names: Sequence[str | None], shape: Sequence[int],
+                     rules: Iterable[tuple[str, Any]] = LOGICAL_RULES) -> list[tuple[str, ...] | None] | None:
+    """The mesh axes each dimension of an activation is split over under the current (abstract) mesh, as
+    `logical_constraint` places it; None when there is no such mesh or inside shard_map / explicit axes."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-        return x
+        return None
     table = _rules_dict(rules)
-    spec = []
-    for name, dim in zip(names, x.shape):
+    spec: list[tuple[str, ...] | None] = []
+    for name, dim in zip(names, shape):
         axes = table.get(name) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         if any(mesh._name_to_type[a] != AxisType.Auto for a in axes):   # manual (shard_map) or explicit
-            return x
+            return None
         size = math.prod(mesh.shape[a] for a in axes)
         spec.append(axes if axes and size > 1 and dim % size == 0 else None)
-    if all(a is None for a in spec):
-        return x
-    return jax.lax.with_sharding_constraint(x, P(*spec))
+    return spec
+
+
+def activation_batch_shards(batch: int) -> int:
+    """How many pieces the batch dimension (size `batch`) of an activation is split into under the current
+    mesh (1 without one, or inside shard_map, where arrays are already per device)."""
+    spec = _activation_spec(("activation_batch",), (batch,))
+    if not spec or spec[0] is None:
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in spec[0])
 
 
 ACTIVATION_BxLxD = ("activation_batch", "activation_length", "activation_embed")
