@@ -400,6 +400,7 @@ def _evaluation(config: ConfigDict, encoder: Any, writer: MetricWriter) -> Calla
                      ", ".join(f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)), time.time() - t0)
         writer.write(step, {f"eval/{k}": v for k, v in out.items()})
         return out
+    evaluate.evaluators = evaluators   # type: ignore[attr-defined]
     return evaluate
 
 

@@ -268,6 +268,13 @@ def default_cache_dir() -> Path:
     return Path(root) / "corpus_embeddings"
 
 
+# Corpus embeddings shipped with embedjax, consulted after the cache folder and never written: those of the
+# unchanged pretrained model in the README's main job (`python -m embedjax.evaluate.ship_cache` makes them).
+# Found only under the same key as a cache entry (a hash of the weights, config, corpus and prompt), so a file
+# here can only stand in for the very computation it came from.
+SHIPPED_CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "shipped" / "corpus_embeddings"
+
+
 class _CacheWriter:
     """Writes ``[N, D]`` float32 rows chunk by chunk into a ``.npy`` file, published atomically on close."""
 
@@ -464,8 +471,13 @@ class RetrievalEvaluator(Evaluator):
         otherwise embedded (and written to the cache)."""
         n = len(texts)
         path = self.cache_path(encode_fn, texts)
-        opened = _open_cached(path, n) if path is not None and path.is_file() else None
-        self.last_info.update(cache_path=str(path) if path else None, cache_hit=opened is not None)
+        found = None
+        if path is not None:
+            found = next((p for p in (path, SHIPPED_CACHE_DIR / path.name) if p.is_file()), None)
+        opened = _open_cached(found, n) if found is not None else None
+        self.last_info.update(cache_path=str(found or path) if path else None, cache_hit=opened is not None)
+        if opened is not None:
+            logger.info("%s: corpus embeddings read from %s", self.name, found)
         chunks = range(0, n, self.corpus_chunk_size)
         if opened is not None:
             f, dim = opened
@@ -547,6 +559,7 @@ __all__ = [
     "RetrievalEvaluator",
     "SearchResult",
     "apply_prompt",
+    "SHIPPED_CACHE_DIR",
     "default_cache_dir",
     "doc_id_ranks",
     "exact_search",
