@@ -48,6 +48,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("raise", "skip"),
     "data.host_order": ("per_host", "global"),
     "best_mode": ("max", "min"),
+    "dtype": ("float32", "bfloat16"),
+    "remat_policy": ("none", "full", "dots"),      # embedjax.models.layers.REMAT_POLICIES
 }
 EVAL_KINDS: tuple[str, ...] = ("beir", "stsb")
 # Losses that need something of the data: scored pairs, or hard negatives with teacher scores.
@@ -65,6 +67,12 @@ def base_config() -> ConfigDict:
     c.tokenizer = ""                       # folder with tokenizer files (scratch models)
     c.max_query_length = 64
     c.max_document_length = 256
+    # how the encoder runs in training (recorded in the run's model config; inference is always deterministic)
+    c.dtype = "float32"                    # compute dtype of the encoder: float32 | bfloat16 (parameters and
+                                           # optimizer state stay float32; norms and softmax run in float32)
+    c.dropout_rate = 0.0                   # dropout on embeddings and each residual branch, training steps only
+                                           # (sentence-transformers fine-tunes BERT-family models at 0.1)
+    c.remat_policy = "none"                # per-layer rematerialisation: none | full | dots
     # data
     c.data = ConfigDict()
     c.data.kind = "beir"                   # beir | pairs | stsb
@@ -243,6 +251,8 @@ def validate(cfg: ConfigDict) -> None:
     if cfg.get("keep_best_checkpoints", 0) and not cfg.get("best_metric"):
         raise ConfigError("config: keep_best_checkpoints needs best_metric (an eval metric name, e.g. "
                           "'beir/scifact/test/ndcg@10')")
+    if not 0.0 <= float(cfg.dropout_rate) < 1.0:
+        raise ConfigError(f"config: dropout_rate must be in [0, 1), got {cfg.dropout_rate}")
     dims = tuple(cfg.loss.matryoshka_dims)
     if dims and list(dims) != sorted(dims, reverse=True):
         raise ConfigError(f"config: loss.matryoshka_dims must be decreasing, got {dims}")

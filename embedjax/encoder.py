@@ -96,7 +96,11 @@ class Encoder:
         """Stable hash of config and weights, for cache keys."""
         import jax
 
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        from embedjax.models.layers import RUNTIME_FIELDS
+
+        cfg = self.config.to_dict()   # dropout and rematerialisation never change what the model computes here
+        cfg["encoder"] = {k: v for k, v in cfg["encoder"].items() if k not in RUNTIME_FIELDS}
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
         for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
             h.update(jax.tree_util.keystr(path).encode())
             h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())

@@ -44,7 +44,8 @@ class Experiment:
 
         return jit_train_step(make_train_step(model_cfg, self.objective, self.tx,
                                               grad_cache_chunks=self.config.grad_cache_chunks,
-                                              lr_schedule=self.lr_schedule), state_shardings, self.mesh)
+                                              lr_schedule=self.lr_schedule, seed=int(self.config.seed)),
+                              state_shardings, self.mesh)
 
     def batch_spec(self) -> dict[str, Any]:
         from embedjax.data.pipeline import batch_spec

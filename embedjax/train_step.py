@@ -40,9 +40,19 @@ def _tree_norm(tree: Any) -> jax.Array:
 # --------------------------------------------------------------------------------------------- embedding
 
 def _embed_fn(model: DualEncoder):
-    def embed(model_params, ids_BxL, mask_BxL, tower: str) -> jax.Array:
-        return model.apply({"params": model_params}, ids_BxL, mask_BxL, tower=tower)
+    def embed(model_params, ids_BxL, mask_BxL, tower: str, rng: jax.Array | None = None) -> jax.Array:
+        # a "dropout" rng turns the encoder's dropout on (layers.dropout); without one it is deterministic
+        rngs = {} if rng is None else {"dropout": rng}
+        return model.apply({"params": model_params}, ids_BxL, mask_BxL, tower=tower, rngs=rngs)
     return embed
+
+
+def _tower_rng(rng: jax.Array | None, index: int, chunks: int = 0) -> jax.Array | None:
+    """The dropout key of one tower input of a step (and of each of its grad-cache chunks)."""
+    if rng is None:
+        return None
+    key = jax.random.fold_in(rng, index)
+    return jax.random.split(key, chunks) if chunks else key
 
 
 def _towers(batch: dict[str, jax.Array]) -> list[tuple[str, str, str]]:
@@ -184,70 +194,78 @@ def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Grad
 # --------------------------------------------------------------------------------------------- step
 
 def make_loss_and_grads(model_cfg: ModelConfig, objective: Objective, *, grad_cache_chunks: int = 0
-                        ) -> Callable[[dict, dict], tuple[jax.Array, dict, dict]]:
-    """(params, batch) -> (loss, metrics, grads).
+                        ) -> Callable[..., tuple[jax.Array, dict, dict]]:
+    """(params, batch, rng=None) -> (loss, metrics, grads). `rng`: the step's dropout key (None: no dropout).
 
     grad_cache_chunks > 1 turns on gradient caching: embeddings are computed chunk by chunk without keeping
-    activations, the loss gradient is taken w.r.t. the embeddings, then each chunk is recomputed with `vjp`.
+    activations, the loss gradient is taken w.r.t. the embeddings, then each chunk is recomputed with `vjp`
+    (with the same dropout keys, so the recomputed chunk is the one the loss saw).
     """
     model = DualEncoder(model_cfg)
     embed = _embed_fn(model)
 
-    def forward_all(model_params, batch):
+    def forward_all(model_params, batch, rng):
         embs = {}
-        for key, prefix, tower in _towers(batch):
+        for i, (key, prefix, tower) in enumerate(_towers(batch)):
             ids, lead = _flat(batch[f"{prefix}_ids"])
             mask, _ = _flat(batch[f"{prefix}_mask"])
-            embs[key] = embed(model_params, ids, mask, tower).reshape(*lead, -1)
+            embs[key] = embed(model_params, ids, mask, tower, _tower_rng(rng, i)).reshape(*lead, -1)
         return embs
 
-    def plain(params, batch):
+    def plain(params, batch, rng=None):
         def total(p):
-            return objective(forward_all(p["model"], batch), p["loss"], batch)
+            return objective(forward_all(p["model"], batch, rng), p["loss"], batch)
         (loss, metrics), grads = jax.value_and_grad(total, has_aux=True)(params)
         return loss, metrics, grads
 
-    def cached(params, batch):
+    def cached(params, batch, rng=None):
         n = grad_cache_chunks
         mp = params["model"]
         embs, inputs = {}, {}
-        for key, prefix, tower in _towers(batch):
+        for i, (key, prefix, tower) in enumerate(_towers(batch)):
             ids, lead = _flat(batch[f"{prefix}_ids"])
             mask, _ = _flat(batch[f"{prefix}_mask"])
             if ids.shape[0] % n:
                 raise ValueError(f"grad cache: {prefix} batch {ids.shape[0]} not divisible by {n} chunks")
             ids_c, mask_c = _chunks(ids, n), _chunks(mask, n)
-            e = jax.lax.map(lambda xs, t=tower: embed(mp, xs[0], xs[1], t), (ids_c, mask_c))
+            keys_c = _tower_rng(rng, i, n)
+            if keys_c is None:
+                e = jax.lax.map(lambda xs, t=tower: embed(mp, xs[0], xs[1], t), (ids_c, mask_c))
+            else:
+                e = jax.lax.map(lambda xs, t=tower: embed(mp, xs[0], xs[1], t, xs[2]), (ids_c, mask_c, keys_c))
             embs[key] = jax.lax.stop_gradient(_unchunks(e)).reshape(*lead, -1)
-            inputs[key] = (ids_c, mask_c, tower, lead)
+            inputs[key] = (ids_c, mask_c, keys_c, tower, lead)
 
         def on_embs(e, lp):
             return objective(e, lp, batch)
         (loss, metrics), (g_embs, g_loss) = jax.value_and_grad(on_embs, argnums=(0, 1), has_aux=True)(
             embs, params["loss"])
         g_model = jax.tree.map(jnp.zeros_like, mp)
-        for key, (ids_c, mask_c, tower, lead) in inputs.items():
+        for key, (ids_c, mask_c, keys_c, tower, lead) in inputs.items():
             g_c = _chunks(g_embs[key].reshape(-1, g_embs[key].shape[-1]), n)
 
             def body(acc, xs, tower=tower):
-                i, m, g = xs
-                _, vjp = jax.vjp(lambda p: embed(p, i, m, tower), mp)
+                i, m, g, k = xs
+                _, vjp = jax.vjp(lambda p: embed(p, i, m, tower, k), mp)
                 return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
 
-            g_model, _ = jax.lax.scan(body, g_model, (ids_c, mask_c, g_c))
+            g_model, _ = jax.lax.scan(body, g_model, (ids_c, mask_c, g_c, keys_c))
         return loss, metrics, {"model": g_model, "loss": g_loss}
 
     return cached if grad_cache_chunks and grad_cache_chunks > 1 else plain
 
 
 def make_train_step(model_cfg: ModelConfig, objective: Objective, tx: optax.GradientTransformation, *,
-                    grad_cache_chunks: int = 0, lr_schedule: Callable[[jax.Array], jax.Array] | None = None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Returns step(state, batch) -> (new_state, metrics); jit it with `jit_train_step`."""
+                    grad_cache_chunks: int = 0, lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
+                    seed: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns step(state, batch) -> (new_state, metrics); jit it with `jit_train_step`. With a dropout rate
+    in `model_cfg`, step n draws its dropout masks from key(seed) folded with n (so a resumed run repeats them)."""
     compute = make_loss_and_grads(model_cfg, objective, grad_cache_chunks=grad_cache_chunks)
+    dropout_on = float(getattr(model_cfg.encoder, "dropout_rate", 0.0)) > 0.0
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        loss, metrics, grads = compute(state.params, batch)
+        rng = jax.random.fold_in(jax.random.key(seed), state.step) if dropout_on else None
+        loss, metrics, grads = compute(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from embedjax.models.layers import Dense, Embed, LayerNorm, activation, head_scale, masked_attention
+from embedjax.models.layers import (Dense, Embed, LayerNorm, activation,
+                                     head_scale, masked_attention, RUNTIME_FIELDS, dropout, layer_class)
 from embedjax.models.t5 import relative_position_buckets
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
@@ -41,6 +42,8 @@ class BertConfig:
     position_offset: int = 0        # RoBERTa: pad_token_id + 1 (positions of real tokens start there)
     relative_attention_num_buckets: int = 0   # MPNet: 32 (a learned [buckets, heads] bias table)
     dtype: str = "float32"          # compute dtype; params stay float32
+    dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
+    remat: str = "none"            # layers.REMAT_POLICIES
 
     @property
     def hidden_dim(self) -> int:
@@ -56,7 +59,7 @@ class BertConfig:
         pos_type = cfg.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ValueError(f"position_embedding_type {pos_type!r} is not supported (only 'absolute')")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "position_offset",
+        fields = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS) - {"dtype", "position_offset",
                                                               "relative_attention_num_buckets"}
         kw = {k: cfg[k] for k in fields if k in cfg}
         if cfg.get("model_type") in ("roberta", "xlm-roberta"):
@@ -73,6 +76,8 @@ class BertConfig:
     def to_hf(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("dtype")
+        for k in RUNTIME_FIELDS:
+            d.pop(k)
         d.pop("position_offset")
         if self.model_type != "mpnet":
             d.pop("relative_attention_num_buckets")
@@ -100,11 +105,12 @@ class BertLayer(nn.Module):
         v = Dense(D, ("embed", "heads"), dtype=dtype, name="value")(x_BxLxD).reshape(B, L, H, K)
         ctx_BxLxD = masked_attention(q, k, v, mask_BxL, scale=head_scale(K), bias_1xHxLxL=bias_1xHxLxL
                                      ).reshape(B, L, D)
-        attn_out = Dense(D, ("heads", "embed"), dtype=dtype, name="attention_output")(ctx_BxLxD)
+        attn_out = dropout(self, Dense(D, ("heads", "embed"), dtype=dtype, name="attention_output")(ctx_BxLxD),
+                           cfg.dropout_rate)
         x_BxLxD = LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="attention_norm")(attn_out + x_BxLxD)
         h_BxLxF = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dtype, name="intermediate")(x_BxLxD)
         h_BxLxF = activation(cfg.hidden_act)(h_BxLxF)
-        out = Dense(D, ("mlp", "embed"), dtype=dtype, name="output")(h_BxLxF)
+        out = dropout(self, Dense(D, ("mlp", "embed"), dtype=dtype, name="output")(h_BxLxF), cfg.dropout_rate)
         return LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="output_norm")(out + x_BxLxD)
 
 
@@ -133,7 +139,8 @@ class BertEncoder(nn.Module):
         if cfg.type_vocab_size:   # MPNet has no token types
             x_BxLxD = x_BxLxD + Embed(cfg.type_vocab_size, cfg.hidden_size, (None, "embed"),
                                       name="token_type_embeddings")(token_type_ids_BxL)
-        x_BxLxD = _constrain(LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="embeddings_norm")(x_BxLxD))
+        x_BxLxD = _constrain(dropout(self, LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="embeddings_norm")(x_BxLxD),
+                                     cfg.dropout_rate))
         bias = None
         if cfg.relative_attention_num_buckets:   # MPNet: one relative position bias shared by every layer
             table = self.param("relative_attention_bias",
@@ -141,6 +148,7 @@ class BertEncoder(nn.Module):
                                (cfg.relative_attention_num_buckets, cfg.num_attention_heads), jnp.float32)
             buckets_LxL = relative_position_buckets(L, L, cfg.relative_attention_num_buckets, 128)
             bias = jnp.transpose(table[buckets_LxL], (2, 0, 1))[None]
+        layer = layer_class(BertLayer, cfg.remat)
         for i in range(cfg.num_hidden_layers):
-            x_BxLxD = _constrain(BertLayer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias))
+            x_BxLxD = _constrain(layer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias))
         return x_BxLxD

@@ -140,6 +140,34 @@ class RMSNorm(nn.Module):
         return (scale * y).astype(self.dtype)
 
 
+# Training-time settings every encoder config carries (`dtype` is the third): they change how a step runs,
+# never what a trained model computes at inference, so they are not written to Hugging Face configs.
+RUNTIME_FIELDS = ("dropout_rate", "remat")
+
+# Rematerialisation of each encoder layer in the backward pass (`remat` of the encoder configs; the trainer's
+# `remat_policy`): "none" keeps every activation; "full" keeps only each layer's input and recomputes the rest;
+# "dots" also keeps the results of weight matmuls (no batch dimensions), recomputing attention and elementwise work.
+REMAT_POLICIES = {"none": None, "full": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable"}
+
+
+def layer_class(cls: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`cls`, or `cls` rematerialised (`nn.remat`) with the named policy. Parameter names are unchanged."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    if REMAT_POLICIES[remat] is None:
+        return cls
+    return nn.remat(cls, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]), prevent_cse=True)
+
+
+def dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout at `rate` when `module` was applied with a "dropout" rng (a training step), else `x`
+    unchanged: evaluation, encoding and export, which pass no such rng, are deterministic."""
+    if rate <= 0.0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 # On CPU, attention over a large batch runs a row block at a time (see `masked_attention`): the [H, L, L]
 # logits of one block then stay in cache through the softmax. Bytes of float32 logits per block, per device.
 CPU_ATTENTION_BLOCK_BYTES = 4 << 20

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from embedjax.models.layers import Dense, Embed, LayerNorm, activation, head_scale, masked_attention, rotary
+from embedjax.models.layers import (Dense, Embed, LayerNorm, activation, head_scale,
+                                     masked_attention, rotary, RUNTIME_FIELDS, dropout, layer_class)
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
 _FULL, _SLIDING = "full_attention", "sliding_attention"
@@ -44,6 +45,8 @@ class ModernBertConfig:
     pad_token_id: int = 50283
     model_type: str = "modernbert"
     dtype: str = "float32"
+    dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
+    remat: str = "none"            # layers.REMAT_POLICIES
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -67,7 +70,7 @@ class ModernBertConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModernBertConfig":
-        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "global_rope_theta", "local_rope_theta"}
+        fields = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS) - {"dtype", "global_rope_theta", "local_rope_theta"}
         kw = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
         rope = cfg.get("rope_parameters") or {}
         for key, layer_type in (("global_rope_theta", _FULL), ("local_rope_theta", _SLIDING)):
@@ -85,6 +88,8 @@ class ModernBertConfig:
     def to_hf(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("dtype")
+        for k in RUNTIME_FIELDS:
+            d.pop(k)
         d["layer_types"] = list(self.layer_types)
         d.update(architectures=["ModernBertModel"],
                  rope_parameters={_FULL: {"rope_type": "default", "rope_theta": self.global_rope_theta},
@@ -117,12 +122,12 @@ class ModernBertLayer(nn.Module):
         q, k = rotary(qkv[0], positions, theta), rotary(qkv[1], positions, theta)
         ctx = masked_attention(q, k, qkv[2], mask_BxL, scale=head_scale(K),
                                window=cfg.local_attention // 2 if sliding else None).reshape(B, L, H * K)
-        x_BxLxD = x_BxLxD + Dense(D, ("heads", "embed"), use_bias=cfg.attention_bias, dtype=dtype,
-                                  name="attention_output")(ctx)
+        x_BxLxD = x_BxLxD + dropout(self, Dense(D, ("heads", "embed"), use_bias=cfg.attention_bias, dtype=dtype,
+                                                name="attention_output")(ctx), cfg.dropout_rate)
         h = LayerNorm(name="mlp_norm", **norm)(x_BxLxD)
         gate_in = Dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=cfg.mlp_bias, dtype=dtype, name="wi_0")(h)
         gate = Dense(cfg.intermediate_size, ("embed", "mlp"), use_bias=cfg.mlp_bias, dtype=dtype, name="wi_1")(h)
-        h = activation(cfg.hidden_activation)(gate_in) * gate
+        h = dropout(self, activation(cfg.hidden_activation)(gate_in) * gate, cfg.dropout_rate)
         return x_BxLxD + Dense(D, ("mlp", "embed"), use_bias=cfg.mlp_bias, dtype=dtype, name="wo")(h)
 
 
@@ -139,7 +144,8 @@ class ModernBertEncoder(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         norm = dict(eps=cfg.norm_eps, dtype=dtype, use_bias=cfg.norm_bias)
         x = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="token_embedder")(input_ids_BxL)
-        x = _constrain(LayerNorm(name="embeddings_norm", **norm)(x))
+        x = _constrain(dropout(self, LayerNorm(name="embeddings_norm", **norm)(x), cfg.dropout_rate))
+        layer = layer_class(ModernBertLayer, cfg.remat)
         for i in range(cfg.num_hidden_layers):
-            x = _constrain(ModernBertLayer(cfg, i, name=f"layer_{i}")(x, mask_BxL))
+            x = _constrain(layer(cfg, i, name=f"layer_{i}")(x, mask_BxL))
         return LayerNorm(name="final_norm", **norm)(x)

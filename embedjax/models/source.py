@@ -110,7 +110,22 @@ def _long_enough(cfg: ModelConfig, config: Any) -> ModelConfig:
 
 def resolve(config: Any, *, weights: bool = True, tokenizer: bool = True) -> ModelSource:
     """The model an experiment config starts from. `weights=False` reads configurations only (resume, AOT,
-    export: the weights come from a checkpoint or are not needed); `tokenizer=False` skips loading it."""
+    export: the weights come from a checkpoint or are not needed); `tokenizer=False` skips loading it. The
+    config's `dtype`, `dropout_rate` and `remat_policy` are set on the encoder config."""
+    src = _resolve(config, weights=weights, tokenizer=tokenizer)
+    src.config = with_runtime(src.config, config)
+    return src
+
+
+def with_runtime(cfg: ModelConfig, config: Any) -> ModelConfig:
+    """`cfg` with the training config's compute dtype, dropout rate and remat policy on its encoder."""
+    enc = dataclasses.replace(cfg.encoder, dtype=str(config.get("dtype", "float32")),
+                              dropout_rate=float(config.get("dropout_rate", 0.0)),
+                              remat=str(config.get("remat_policy", "none")))
+    return dataclasses.replace(cfg, encoder=enc)
+
+
+def _resolve(config: Any, *, weights: bool, tokenizer: bool) -> ModelSource:
     from embedjax.config import read_workdir_config
     from embedjax.models.convert import load_folder, resolve_model_dir
 

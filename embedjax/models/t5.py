@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from embedjax.models.layers import Dense, Embed, RMSNorm, activation, masked_attention
+from embedjax.models.layers import (Dense, Embed, RMSNorm, activation,
+                                     masked_attention, RUNTIME_FIELDS, dropout, layer_class)
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
 
@@ -38,6 +39,8 @@ class T5Config:
     eos_token_id: int = 1
     model_type: str = "t5"                     # t5 | mt5
     dtype: str = "float32"
+    dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
+    remat: str = "none"            # layers.REMAT_POLICIES
 
     @property
     def hidden_dim(self) -> int:
@@ -55,7 +58,7 @@ class T5Config:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "T5Config":
-        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        fields = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS) - {"dtype"}
         kwargs = {k: cfg[k] for k in fields if k in cfg}
         if "feed_forward_proj" not in cfg:
             # transformers' own defaults: T5Config "relu" (t5-small ... t5-11b, v1.0, whose config.json files
@@ -68,6 +71,8 @@ class T5Config:
     def to_hf(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("dtype")
+        for k in RUNTIME_FIELDS:
+            d.pop(k)
         d.update(architectures=["T5EncoderModel"], is_encoder_decoder=False, dropout_rate=0.1,
                  num_decoder_layers=self.num_layers, decoder_start_token_id=self.pad_token_id,
                  tie_word_embeddings=self.model_type == "t5")
@@ -106,7 +111,8 @@ class T5Layer(nn.Module):
         k = Dense(H * K, ("embed", "heads"), use_bias=False, dtype=dtype, name="key")(h).reshape(B, L, H, K)
         v = Dense(H * K, ("embed", "heads"), use_bias=False, dtype=dtype, name="value")(h).reshape(B, L, H, K)
         ctx = masked_attention(q, k, v, mask_BxL, scale=None, bias_1xHxLxL=bias_1xHxLxL).reshape(B, L, H * K)
-        x_BxLxD = x_BxLxD + Dense(D, ("heads", "embed"), use_bias=False, dtype=dtype, name="attention_output")(ctx)
+        x_BxLxD = x_BxLxD + dropout(self, Dense(D, ("heads", "embed"), use_bias=False, dtype=dtype,
+                                                name="attention_output")(ctx), cfg.dropout_rate)
 
         h = RMSNorm(cfg.layer_norm_epsilon, dtype=dtype, name="mlp_norm")(x_BxLxD)
         act = activation(cfg.act_name)
@@ -116,7 +122,8 @@ class T5Layer(nn.Module):
             h = g * lin
         else:
             h = act(Dense(cfg.d_ff, ("embed", "mlp"), use_bias=False, dtype=dtype, name="wi")(h))
-        return x_BxLxD + Dense(D, ("mlp", "embed"), use_bias=False, dtype=dtype, name="wo")(h)
+        return x_BxLxD + dropout(self, Dense(D, ("mlp", "embed"), use_bias=False, dtype=dtype, name="wo")(h),
+                                 cfg.dropout_rate)
 
 
 class T5Encoder(nn.Module):
@@ -133,13 +140,15 @@ class T5Encoder(nn.Module):
         L = input_ids_BxL.shape[1]
         x_BxLxD = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype=dtype,
                         embedding_init=nn.initializers.normal(1.0), name="token_embedder")(input_ids_BxL)
-        x_BxLxD = _constrain(x_BxLxD)
+        x_BxLxD = _constrain(dropout(self, x_BxLxD, cfg.dropout_rate))
         rel_table = self.param("relative_attention_bias",
                                nn.with_logical_partitioning(nn.initializers.normal(1.0), ("pos", None)),
                                (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)
         buckets_LxL = relative_position_buckets(L, L, cfg.relative_attention_num_buckets,
                                                 cfg.relative_attention_max_distance)
         bias_1xHxLxL = jnp.take(rel_table, jnp.asarray(buckets_LxL), axis=0).transpose(2, 0, 1)[None]
+        layer = layer_class(T5Layer, cfg.remat)
         for i in range(cfg.num_layers):
-            x_BxLxD = _constrain(T5Layer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias_1xHxLxL))
-        return RMSNorm(cfg.layer_norm_epsilon, dtype=dtype, name="final_norm")(x_BxLxD)
+            x_BxLxD = _constrain(layer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias_1xHxLxL))
+        return dropout(self, RMSNorm(cfg.layer_norm_epsilon, dtype=dtype, name="final_norm")(x_BxLxD),
+                       cfg.dropout_rate)
