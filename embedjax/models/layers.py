@@ -217,6 +217,8 @@ def masked_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
 def _attention_row_blocks(B: int, H: int, L: int) -> int:
     """How many row blocks `masked_attention` splits a batch into: blocks of whole rows per device whose
     logits fit `CPU_ATTENTION_BLOCK_BYTES` (1 when the whole batch already does)."""
+    if not all(isinstance(d, int) for d in (B, H, L)):   # symbolic shapes (the SavedModel's batch): one call
+        return 1
     shards = activation_batch_shards(B)
     local = B // shards
     row_bytes = H * L * L * 4
