@@ -201,7 +201,7 @@ def masked_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
 
     B, L, H, _ = q_BxLxHxK.shape
     blocks = _attention_row_blocks(B, H, L) if row_blocks is not False else 1
-    if row_blocks is None and jax.default_backend() != "cpu":
+    if row_blocks is None and compute_platform() != "cpu":
         blocks = 1
     if blocks <= 1:
         return attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask_Bx1x1xL)
@@ -212,6 +212,14 @@ def masked_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
     out = jax.lax.map(jax.checkpoint(lambda a: attend(*a)),
                       (split(q_BxLxHxK), split(k_BxLxHxK), split(v_BxLxHxK), split(mask_Bx1x1xL)))
     return jnp.swapaxes(out, 0, 1).reshape(q_BxLxHxK.shape[:3] + out.shape[-1:])
+
+
+def compute_platform() -> str:
+    """The platform the traced computation is for: that of the mesh in context (an ahead-of-time compile for a
+    TPU topology traces on a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _attention_row_blocks(B: int, H: int, L: int) -> int:
