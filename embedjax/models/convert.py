@@ -395,11 +395,100 @@ def _pooling_from_st(cfg: dict, source: Path) -> str:
     return _ST_POOLING[mode]
 
 
+def _st_modules(entries: list[tuple[str, Path]], where: Path) -> dict[str, Any]:
+    """The Transformer / Pooling / Dense / Normalize chain of one sentence-transformers pipeline (the top-level
+    modules.json, or one route of a Router): `entries` are (type name, module folder)."""
+    out: dict[str, Any] = {"transformer_dir": None, "pooling": "mean", "normalize": False, "dense": None}
+    for mtype, mdir in entries:
+        kind = mtype.rsplit(".", 1)[-1]
+        if kind == "Transformer":
+            if out["transformer_dir"] is not None:
+                raise ModelLoadError(f"{where}: more than one Transformer module")
+            out["transformer_dir"] = mdir
+        elif kind == "Pooling":
+            out["pooling"] = _pooling_from_st(_read_json(mdir / "config.json"), mdir / "config.json")
+        elif kind == "Normalize":
+            out["normalize"] = True
+        elif kind == "Dense":
+            if out["dense"] is not None:
+                raise ModelLoadError(f"{where}: more than one Dense module is not supported")
+            out["dense"] = mdir
+        else:
+            raise ModelLoadError(f"{where}: module type {mtype!r} is not supported "
+                                 "(supported: Transformer, Pooling, Dense, Normalize, and a Router of them)")
+    if out["transformer_dir"] is None:
+        raise ModelLoadError(f"{where}: no Transformer module")
+    tdir = out["transformer_dir"]
+    max_length = None
+    sbert = tdir / "sentence_bert_config.json"
+    if sbert.is_file():   # v2-v5 keep the length here; 6.x in the tokenizer's model_max_length
+        max_length = _read_json(sbert).get("max_seq_length")
+    tok_cfg = tdir / "tokenizer_config.json"
+    if max_length is None and tok_cfg.is_file():
+        n = _read_json(tok_cfg).get("model_max_length")
+        if isinstance(n, int) and 0 < n < 1_000_000:   # transformers writes 1e30 for "no limit"
+            max_length = n
+    out["max_length"] = max_length
+    return out
+
+
+def _st_head(chain: dict[str, Any], weights: bool) -> tuple[HeadConfig, dict | None]:
+    """The head of one pipeline and its Dense weights (None without Dense or with `weights=False`)."""
+    dense = chain["dense"]
+    if dense is None:
+        return HeadConfig(pooling=chain["pooling"], normalize=chain["normalize"]), None
+    dcfg = _read_json(dense / "config.json")
+    act = dcfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if act not in _ST_ACTIVATIONS:
+        raise ModelLoadError(f"{dense / 'config.json'}: activation {act!r} is not supported; "
+                             f"supported: {', '.join(_ST_ACTIVATIONS)}")
+    proj = None
+    if weights:
+        dt = read_safetensors(dense)
+        if "linear.weight" not in dt:
+            raise ModelLoadError(f"{dense / 'model.safetensors'}: no 'linear.weight' tensor")
+        proj = {"kernel": np.ascontiguousarray(dt["linear.weight"].T)}
+        if dcfg.get("bias", True):
+            proj["bias"] = dt["linear.bias"]
+    head = HeadConfig(pooling=chain["pooling"], normalize=chain["normalize"],
+                      projection_dim=int(dcfg["out_features"]), projection_bias=bool(dcfg.get("bias", True)),
+                      projection_activation=_ST_ACTIVATIONS[act])
+    return head, proj
+
+
+def _router_routes(root: Path, mod: dict) -> dict[str, list[tuple[str, Path]]]:
+    """The query and document routes of a Router module (sentence-transformers 6.x `router_config.json`;
+    5.x `Asym` folders keep the same file as `config.json`)."""
+    rdir = root / mod.get("path", "")
+    rfile = rdir / "router_config.json"
+    if not rfile.is_file():
+        rfile = rdir / "config.json"
+    rcfg = _read_json(rfile)
+    types, structure = rcfg.get("types"), rcfg.get("structure")
+    if not isinstance(types, dict) or not isinstance(structure, dict):
+        raise ModelLoadError(f"{rfile}: a Router config needs 'types' and 'structure'")
+    if set(structure) != {"query", "document"}:
+        raise ModelLoadError(f"{rfile}: routes {sorted(structure)} are not supported; embedjax maps a Router with "
+                             "exactly the routes 'query' and 'document' onto its query and document towers")
+    routes = {}
+    for name, ids in structure.items():
+        missing = [i for i in ids if i not in types]
+        if missing:
+            raise ModelLoadError(f"{rfile}: route {name!r} names module {missing[0]!r}, which 'types' lacks")
+        routes[name] = [(types[i], rdir / i) for i in ids]
+    return routes
+
+
 def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True,
                 lazy: bool = False) -> tuple[ModelConfig, dict | None, Path, dict]:
     """Reads a sentence-transformers or Hugging Face folder. `lazy`: the encoder's weights are `LazyWeight`s,
     read slice by slice where they are placed (training onto a mesh: no host holds more than its devices' parts
     at a time, no device a whole weight).
+
+    A Router (sentence-transformers' asymmetric query / document modules) becomes separate towers when its
+    routes differ, and one shared tower when both routes list the same modules. Both towers of an embedjax
+    model have one architecture, head and length: a Router whose routes differ in those is refused, naming
+    what differs. Modules that the routes share (one Transformer under both, say) are copied into each tower.
 
     Returns (config, params, transformer_dir, extras) where params is the full DualEncoder tree (None with
     `weights=False`: the configuration only, no tensors read) and extras
@@ -407,64 +496,52 @@ def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True,
     """
     root = resolve_model_dir(path_or_id)
     modules_file = root / "modules.json"
-    transformer_dir, pooling, normalize, dense = root, "mean", False, None
-    max_length = None
     if modules_file.is_file():
         modules = _read_json(modules_file)
-        seen_transformer = False
-        for mod in modules:
-            kind = mod.get("type", "").rsplit(".", 1)[-1]
-            mdir = root / mod.get("path", "")
-            if kind == "Transformer":
-                seen_transformer, transformer_dir = True, mdir
-            elif kind == "Pooling":
-                pooling = _pooling_from_st(_read_json(mdir / "config.json"), mdir / "config.json")
-            elif kind == "Normalize":
-                normalize = True
-            elif kind == "Dense":
-                if dense is not None:
-                    raise ModelLoadError(f"{modules_file}: more than one Dense module is not supported")
-                dense = mdir
-            else:
-                raise ModelLoadError(f"{modules_file}: module type {mod.get('type')!r} is not supported "
-                                     "(supported: Transformer, Pooling, Dense, Normalize)")
-        if not seen_transformer:
-            raise ModelLoadError(f"{modules_file}: no Transformer module")
-        sbert = transformer_dir / "sentence_bert_config.json"
-        if sbert.is_file():   # v2-v5 keep the length here; 6.x in the tokenizer's model_max_length
-            max_length = _read_json(sbert).get("max_seq_length")
-        tok_cfg = transformer_dir / "tokenizer_config.json"
-        if max_length is None and tok_cfg.is_file():
-            n = _read_json(tok_cfg).get("model_max_length")
-            if isinstance(n, int) and 0 < n < 1_000_000:   # transformers writes 1e30 for "no limit"
-                max_length = n
+        routers = [m for m in modules if m.get("type", "").rsplit(".", 1)[-1] in ("Router", "Asym")]
+        if routers and len(modules) > 1:
+            raise ModelLoadError(f"{modules_file}: a Router with other modules beside it is not supported "
+                                 "(supported: a Router as the only module, or no Router)")
+        if routers:
+            routes = _router_routes(root, routers[0])
+            chains = {name: _st_modules(entries, modules_file) for name, entries in routes.items()}
+            shared = [str(p) for _, p in routes["query"]] == [str(p) for _, p in routes["document"]]
+        else:
+            chains = {"tower": _st_modules([(m.get("type", ""), root / m.get("path", "")) for m in modules],
+                                           modules_file)}
+            shared = True
     else:
         log.warning("%s has no modules.json: using mean pooling without normalisation (as sentence-transformers "
                     "does for a plain Hugging Face model)", root)
-    cfg_path = transformer_dir / "config.json"
-    arch, enc_cfg = encoder_config_from_hf(_read_json(cfg_path), cfg_path)
+        chains = {"tower": {"transformer_dir": root, "pooling": "mean", "normalize": False, "dense": None,
+                            "max_length": None}}
+        shared = True
+    if shared and "tower" not in chains:
+        chains = {"tower": chains["query"]}
 
-    head = HeadConfig(pooling=pooling, normalize=normalize)
-    proj = None
-    if dense is not None:
-        dcfg = _read_json(dense / "config.json")
-        act = dcfg.get("activation_function", "torch.nn.modules.activation.Tanh")
-        if act not in _ST_ACTIVATIONS:
-            raise ModelLoadError(f"{dense / 'config.json'}: activation {act!r} is not supported; "
-                                 f"supported: {', '.join(_ST_ACTIVATIONS)}")
-        if weights:
-            dt = read_safetensors(dense)
-            if "linear.weight" not in dt:
-                raise ModelLoadError(f"{dense / 'model.safetensors'}: no 'linear.weight' tensor")
-            proj = {"kernel": np.ascontiguousarray(dt["linear.weight"].T)}
-            if dcfg.get("bias", True):
-                proj["bias"] = dt["linear.bias"]
-        head = HeadConfig(pooling=pooling, normalize=normalize, projection_dim=int(dcfg["out_features"]),
-                          projection_bias=bool(dcfg.get("bias", True)),
-                          projection_activation=_ST_ACTIVATIONS[act])
+    built = {}
+    for name, chain in chains.items():
+        cfg_path = chain["transformer_dir"] / "config.json"
+        arch, enc_cfg = encoder_config_from_hf(_read_json(cfg_path), cfg_path)
+        head, proj = _st_head(chain, weights)
+        built[name] = (arch, enc_cfg, head, proj, chain)
+    if not shared:
+        (qa, qe, qh, _, qc), (da, de, dh, _, dc) = built["query"], built["document"]
+        for what, q, d in (("architecture", qa, da), ("encoder config", qe, de), ("head", qh, dh),
+                           ("max_seq_length", qc["max_length"], dc["max_length"]),
+                           ("tokenizer", _tokenizer_signature(qc["transformer_dir"]),
+                            _tokenizer_signature(dc["transformer_dir"]))):
+            if q != d:
+                raise ModelLoadError(
+                    f"{root / 'router_config.json'}: the query and document routes differ in their {what} "
+                    f"({_short(q)} vs {_short(d)}); embedjax's two towers share one architecture, head, length "
+                    "and tokenizer and differ only in weights")
+    arch, enc_cfg, head, _, chain = next(iter(built.values()))
+    transformer_dir, max_length = chain["transformer_dir"], chain["max_length"]
     if max_length is None:
         max_length = getattr(enc_cfg, "max_positions", None) or getattr(enc_cfg, "max_position_embeddings", 512)
-    cfg = ModelConfig(architecture=arch, encoder=enc_cfg, head=head, shared_towers=True, max_length=int(max_length))
+    cfg = ModelConfig(architecture=arch, encoder=enc_cfg, head=head, shared_towers=shared,
+                      max_length=int(max_length))
     extras = {}
     st_cfg = root / "config_sentence_transformers.json"
     if st_cfg.is_file():
@@ -472,11 +549,33 @@ def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True,
         extras = {k: c[k] for k in ("prompts", "default_prompt_name", "similarity_fn_name") if c.get(k)}
     if not weights:
         return cfg, None, transformer_dir, extras
-    tower = hf_to_tower_params(cfg, read_safetensors(transformer_dir, lazy=lazy),
-                               str(transformer_dir / "model.safetensors"))
-    if proj is not None:
-        tower["projection"] = proj
-    return cfg, {"tower": tower}, transformer_dir, extras
+    params = {}
+    for name, (_, _, _, proj, chain) in built.items():
+        tdir = chain["transformer_dir"]
+        tower = hf_to_tower_params(cfg, read_safetensors(tdir, lazy=lazy), str(tdir / "model.safetensors"))
+        if proj is not None:
+            tower["projection"] = proj
+        params["tower" if shared else f"{name}_tower"] = tower
+    return cfg, params, transformer_dir, extras
+
+
+def _tokenizer_signature(tdir: Path) -> Any:
+    """What decides a tokenizer's ids: tokenizer.json's model, normaliser and pre-tokeniser, or the vocabulary
+    file (length limits and padding, which differ between routes, are left out)."""
+    tj = tdir / "tokenizer.json"
+    if tj.is_file():
+        t = _read_json(tj)
+        return json.dumps({k: t.get(k) for k in ("model", "normalizer", "pre_tokenizer", "post_processor",
+                                                  "added_tokens")}, sort_keys=True)
+    for name in ("vocab.txt", "spiece.model", "sentencepiece.bpe.model"):
+        if (tdir / name).is_file():
+            return (tdir / name).read_bytes()
+    return None
+
+
+def _short(x: Any) -> str:
+    s = repr(x) if not isinstance(x, (str, bytes)) else f"{len(x)} bytes of tokenizer files"
+    return s if len(s) <= 120 else s[:117] + "..."
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -488,42 +587,69 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def save_sentence_transformers(path: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer: Any,
                                *, prompts: dict[str, str] | None = None, hf_config: dict | None = None) -> Path:
-    """Writes a folder that `SentenceTransformer(path)` loads (safetensors weights)."""
-    from safetensors.numpy import save_file
-
-    if not cfg.shared_towers:
-        raise ValueError("a model with separate query / document towers cannot be written as one "
-                         "sentence-transformers model; export each tower (tower='query' / 'document')")
+    """Writes a folder that `SentenceTransformer(path)` loads (safetensors weights). Separate towers become a
+    Router with the routes 'query' and 'document' (`encode_query` / `encode_document` pick them)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tower = tower_params(cfg, params)
-    save_file(tower_params_to_hf(cfg, tower), str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf = dict(hf_config) if hf_config else cfg.encoder.to_hf()
-    _write_json(out / "config.json", hf)
+    if cfg.shared_towers:
+        modules = _write_st_pipeline(out, "", cfg, tower_params(cfg, params), tokenizer, hf_config)
+        for i, m in enumerate(modules):
+            m.update(idx=i, name=str(i))
+    else:
+        types, structure = {}, {}
+        for route in ("query", "document"):
+            mods = _write_st_pipeline(out, f"{route}_", cfg, tower_params(cfg, params, route), tokenizer, hf_config)
+            structure[route] = [m["path"] for m in mods]
+            types.update({m["path"]: m["type"] for m in mods})
+        _write_json(out / "router_config.json", {
+            "types": types, "structure": structure,
+            "parameters": {"default_route": "document", "allow_empty_key": True, "route_mappings": {}}})
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Router"}]
+    _write_json(out / "modules.json", modules)
+    st_cfg: dict[str, Any] = {"similarity_fn_name": "cosine", "prompts": prompts or {}, "default_prompt_name": None}
+    _write_json(out / "config_sentence_transformers.json", st_cfg)
+    _write_json(out / "embedjax_config.json", cfg.to_dict())
+    return out
+
+
+def _write_st_pipeline(out: Path, prefix: str, cfg: ModelConfig, tower: dict, tokenizer: Any,
+                       hf_config: dict | None) -> list[dict]:
+    """Transformer, Pooling, Dense and Normalize modules of one tower. With no `prefix` the Transformer is the
+    folder itself (the usual layout); a Router's routes put each module under ``{route}_{i}_{Type}``."""
+    from safetensors.numpy import save_file
+
+    def mdir(i: int, kind: str) -> str:
+        return f"{prefix}{i}_{kind}" if (prefix or i) else ""
+
+    modules = []
+    tdir = out / mdir(0, "Transformer")
+    tdir.mkdir(parents=True, exist_ok=True)
+    save_file(tower_params_to_hf(cfg, tower), str(tdir / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(tdir / "config.json", dict(hf_config) if hf_config else cfg.encoder.to_hf())
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(tdir))
         # the length limit where sentence-transformers 6.x reads it (v2-v5: sentence_bert_config.json, below)
-        tc = out / "tokenizer_config.json"
+        tc = tdir / "tokenizer_config.json"
         if tc.is_file():
             _write_json(tc, {**_read_json(tc), "model_max_length": cfg.max_length})
         # a SentencePiece model file (T5) is not always re-written by fast tokenizers: copy it along
         vf = getattr(tokenizer, "vocab_file", None)
-        if vf and Path(vf).is_file() and Path(vf).suffix == ".model" and not (out / Path(vf).name).exists():
+        if vf and Path(vf).is_file() and Path(vf).suffix == ".model" and not (tdir / Path(vf).name).exists():
             import shutil
-            shutil.copy(vf, out / Path(vf).name)
-    _write_json(out / "sentence_bert_config.json", {"max_seq_length": cfg.max_length, "do_lower_case": False})
+            shutil.copy(vf, tdir / Path(vf).name)
+    _write_json(tdir / "sentence_bert_config.json", {"max_seq_length": cfg.max_length, "do_lower_case": False})
+    modules.append({"path": mdir(0, "Transformer"), "type": "sentence_transformers.models.Transformer"})
     dim = cfg.encoder.hidden_dim
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
-    _write_json(out / "1_Pooling" / "config.json", {
+    _write_json(out / mdir(1, "Pooling") / "config.json", {
         "word_embedding_dimension": dim,
         "pooling_mode_cls_token": cfg.head.pooling == "cls",
         "pooling_mode_mean_tokens": cfg.head.pooling == "mean",
         "pooling_mode_max_tokens": cfg.head.pooling == "max",
         "pooling_mode_mean_sqrt_len_tokens": cfg.head.pooling == "mean_sqrt_len",
     })
-    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    modules.append({"path": mdir(1, "Pooling"), "type": "sentence_transformers.models.Pooling"})
     if cfg.head.projection_dim:
-        ddir = out / "2_Dense"
+        ddir = out / mdir(2, "Dense")
         proj = tower["projection"]
         tensors = {"linear.weight": np.ascontiguousarray(np.asarray(proj["kernel"], np.float32).T)}
         if cfg.head.projection_bias:
@@ -533,14 +659,9 @@ def save_sentence_transformers(path: str | os.PathLike, cfg: ModelConfig, params
         _write_json(ddir / "config.json", {
             "in_features": dim, "out_features": cfg.head.projection_dim, "bias": cfg.head.projection_bias,
             "activation_function": _ST_ACTIVATIONS_INV[cfg.head.projection_activation]})
-        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        modules.append({"path": mdir(2, "Dense"), "type": "sentence_transformers.models.Dense"})
     if cfg.head.normalize:
-        (out / f"{len(modules)}_Normalize").mkdir(exist_ok=True)
-        modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-    _write_json(out / "modules.json", modules)
-    st_cfg: dict[str, Any] = {"similarity_fn_name": "cosine", "prompts": prompts or {}, "default_prompt_name": None}
-    _write_json(out / "config_sentence_transformers.json", st_cfg)
-    _write_json(out / "embedjax_config.json", cfg.to_dict())
-    return out
-
+        n = mdir(len(modules), "Normalize")
+        (out / n).mkdir(exist_ok=True)
+        modules.append({"path": n, "type": "sentence_transformers.models.Normalize"})
+    return modules

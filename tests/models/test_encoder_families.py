@@ -163,3 +163,54 @@ def test_full_size_parameter_counts(name):
     ref = sum(p.numel() for p in ref_model.parameters())   # a shared tensor (T5's embedding) counted once
     assert ours == ref, (name, ours, ref)
     assert abs(ours / 1e6 - published_m) / published_m < 0.01, (name, ours)
+
+
+def test_router_folder_loads_as_two_towers_and_saves_back(tmp_path):
+    """sentence-transformers' Router (asymmetric query / document modules, `Router.for_query_document`):
+    embedjax reads it as separate towers, its query / document encodings equal `encode_query` /
+    `encode_document`, and what embedjax writes is a Router that sentence-transformers reads back alike. A Router
+    whose routes differ in head is refused with the file and what differs."""
+    from sentence_transformers.base.modules import Dense, Router
+    from sentence_transformers.sentence_transformer import modules
+
+    from embedjax import Encoder
+    from embedjax.models.convert import ModelLoadError
+
+    tok = _bpe_tokenizer(tmp_path / "tok")
+    routes = {}
+    for seed, name in ((0, "query"), (1, "document")):
+        torch.manual_seed(seed)
+        model = _tiny("roberta")
+        (tmp_path / name).mkdir()
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        t = modules.Transformer(str(tmp_path / name), max_seq_length=48)
+        torch.manual_seed(seed + 10)
+        routes[name] = [t, modules.Pooling(32, "cls"), Dense(32, 16), modules.Normalize()]
+    ref_model = st.SentenceTransformer(modules=[Router.for_query_document(routes["query"], routes["document"])],
+                                       device="cpu")
+    folder = tmp_path / "router"
+    ref_model.save(str(folder))
+    ref_q = ref_model.encode_query(TEXTS, convert_to_numpy=True)
+    ref_d = ref_model.encode_document(TEXTS, convert_to_numpy=True)
+    assert np.abs(ref_q - ref_d).max() > 1e-2     # the towers differ
+
+    enc = Encoder.load(folder)
+    assert not enc.config.shared_towers and enc.config.head.projection_dim == 16 and enc.max_length == 48
+    assert np.abs(enc.encode(TEXTS, tower="query") - ref_q).max() <= 1e-5
+    assert np.abs(enc.encode(TEXTS, tower="document") - ref_d).max() <= 1e-5
+
+    back = enc.save(tmp_path / "ours")
+    assert json.loads((back / "modules.json").read_text())[0]["type"].endswith("Router")
+    again = st.SentenceTransformer(str(back), device="cpu")
+    assert np.abs(again.encode_query(TEXTS, convert_to_numpy=True) - ref_q).max() <= 1e-5
+    assert np.abs(again.encode_document(TEXTS, convert_to_numpy=True) - ref_d).max() <= 1e-5
+
+    # routes that differ in more than weights: refused, naming the file and the difference
+    routes["document"] = [routes["document"][0], modules.Pooling(32, "mean")]
+    other = tmp_path / "router_mixed"
+    st.SentenceTransformer(modules=[Router.for_query_document(routes["query"], routes["document"])],
+                           device="cpu").save(str(other))
+    with pytest.raises(ModelLoadError, match=r"router_config.json: the query and document routes differ in their "
+                                             r"head"):
+        Encoder.load(other)
