@@ -49,6 +49,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.host_order": ("per_host", "global"),
     "best_mode": ("max", "min"),
     "dtype": ("float32", "bfloat16"),
+    "param_dtype": ("float32", "bfloat16"),
     "remat_policy": ("none", "full", "dots"),      # embedjax.models.layers.REMAT_POLICIES
 }
 EVAL_KINDS: tuple[str, ...] = ("beir", "stsb")
@@ -68,8 +69,11 @@ def base_config() -> ConfigDict:
     c.max_query_length = 64
     c.max_document_length = 256
     # how the encoder runs in training (recorded in the run's model config; inference is always deterministic)
-    c.dtype = "float32"                    # compute dtype of the encoder: float32 | bfloat16 (parameters and
-                                           # optimizer state stay float32; norms and softmax run in float32)
+    c.dtype = "float32"                    # compute dtype of the encoder: float32 | bfloat16 (norms and
+                                           # softmax run in float32 whatever it is)
+    c.param_dtype = "float32"              # dtype parameters, gradients and optimizer state are stored in:
+                                           # float32 | bfloat16 (half the memory; updates are rounded to
+                                           # bfloat16, so small learning rates lose precision)
     c.dropout_rate = 0.0                   # dropout on embeddings and each residual branch, training steps only
                                            # (sentence-transformers fine-tunes BERT-family models at 0.1)
     c.remat_policy = "none"                # per-layer rematerialisation: none | full | dots

@@ -109,8 +109,15 @@ def _model_init(model_cfg: ModelConfig, seq_len: int = 8):
     model = DualEncoder(model_cfg)
     ids = jnp.zeros((1, seq_len), jnp.int32)
 
+    param_dtype = jnp.dtype(getattr(model_cfg.encoder, "param_dtype", "float32"))
+
     def init_boxed(rng):
-        return model.init(rng, ids, jnp.ones_like(ids), method=DualEncoder.init_both)["params"]
+        params = model.init(rng, ids, jnp.ones_like(ids), method=DualEncoder.init_both)["params"]
+        if param_dtype == jnp.float32:
+            return params
+        # every floating parameter stored in `param_dtype` (the boxes keep their logical axis names)
+        return jax.tree.map(lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                            params)
     return init_boxed
 
 
@@ -173,11 +180,14 @@ def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Grad
             model_params = {}
         flat_shards = traverse_util.flatten_dict(model_shards, sep="/")
         for k, b in have.items():   # no device ever holds a whole weight
+            dt = want[k].dtype   # the model's parameter dtype (`param_dtype`)
             if hasattr(b, "read"):   # a LazyWeight: each device's slice read from the checkpoint file
-                model_params[k] = jax.make_array_from_callback(tuple(b.shape), flat_shards[k], b.read)
-            else:   # host numpy straight to the shards; a restored array stays put
-                host = b if isinstance(b, jax.Array) else np.asarray(b, np.float32)
-                model_params[k] = jax.device_put(host, flat_shards[k])
+                model_params[k] = jax.make_array_from_callback(
+                    tuple(b.shape), flat_shards[k], lambda idx, b=b, dt=dt: np.asarray(b.read(idx)).astype(dt))
+            elif isinstance(b, jax.Array):   # a restored array stays put
+                model_params[k] = jax.device_put(b.astype(dt) if b.dtype != dt else b, flat_shards[k])
+            else:   # host numpy straight to the shards
+                model_params[k] = jax.device_put(np.asarray(b, np.float32).astype(dt), flat_shards[k])
         model_params = traverse_util.unflatten_dict(model_params, sep="/")
     else:
         init_boxed = _model_init(model_cfg)

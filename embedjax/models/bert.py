@@ -41,9 +41,10 @@ class BertConfig:
     model_type: str = "bert"        # bert | roberta | xlm-roberta (the config.json it came from / goes to)
     position_offset: int = 0        # RoBERTa: pad_token_id + 1 (positions of real tokens start there)
     relative_attention_num_buckets: int = 0   # MPNet: 32 (a learned [buckets, heads] bias table)
-    dtype: str = "float32"          # compute dtype; params stay float32
+    dtype: str = "float32"          # compute dtype (parameters: param_dtype)
     dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
     remat: str = "none"            # layers.REMAT_POLICIES
+    param_dtype: str = "float32"   # dtype the trainer stores parameters (and so optimizer state) in
 
     @property
     def hidden_dim(self) -> int:

@@ -142,7 +142,7 @@ class RMSNorm(nn.Module):
 
 # Training-time settings every encoder config carries (`dtype` is the third): they change how a step runs,
 # never what a trained model computes at inference, so they are not written to Hugging Face configs.
-RUNTIME_FIELDS = ("dropout_rate", "remat")
+RUNTIME_FIELDS = ("dropout_rate", "remat", "param_dtype")
 
 # Rematerialisation of each encoder layer in the backward pass (`remat` of the encoder configs; the trainer's
 # `remat_policy`): "none" keeps every activation; "full" keeps only each layer's input and recomputes the rest;

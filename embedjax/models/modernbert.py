@@ -47,6 +47,7 @@ class ModernBertConfig:
     dtype: str = "float32"
     dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
     remat: str = "none"            # layers.REMAT_POLICIES
+    param_dtype: str = "float32"   # dtype the trainer stores parameters (and so optimizer state) in
 
     def __post_init__(self) -> None:
         if not self.layer_types:

@@ -118,10 +118,12 @@ def resolve(config: Any, *, weights: bool = True, tokenizer: bool = True) -> Mod
 
 
 def with_runtime(cfg: ModelConfig, config: Any) -> ModelConfig:
-    """`cfg` with the training config's compute dtype, dropout rate and remat policy on its encoder."""
+    """`cfg` with the training config's compute and parameter dtypes, dropout rate and remat policy on its
+    encoder."""
     enc = dataclasses.replace(cfg.encoder, dtype=str(config.get("dtype", "float32")),
                               dropout_rate=float(config.get("dropout_rate", 0.0)),
-                              remat=str(config.get("remat_policy", "none")))
+                              remat=str(config.get("remat_policy", "none")),
+                              param_dtype=str(config.get("param_dtype", "float32")))
     return dataclasses.replace(cfg, encoder=enc)
 
 

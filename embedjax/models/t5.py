@@ -41,6 +41,7 @@ class T5Config:
     dtype: str = "float32"
     dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
     remat: str = "none"            # layers.REMAT_POLICIES
+    param_dtype: str = "float32"   # dtype the trainer stores parameters (and so optimizer state) in
 
     @property
     def hidden_dim(self) -> int:

@@ -138,16 +138,50 @@ def test_bfloat16_compute_close_to_float32(arch):
     assert float(jnp.abs(out - ref).max()) > 0                 # it really ran in bfloat16
 
 
+@pytest.mark.parametrize("arch", list(ENCODERS))
+def test_bfloat16_parameters_halve_the_state_and_train(arch):
+    """param_dtype=bfloat16: fresh and pretrained parameters, gradients and Adam's moments are stored in bfloat16
+    (half the bytes of float32), the step trains, and pretrained weights arrive rounded, not changed."""
+    f32, bf16 = _cfg(arch), _cfg(arch, param_dtype="bfloat16")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    objective, lp = make_objective({"name": "in_batch_softmax", "temperature": 0.05})
+    tx = optax.adamw(1e-2)
+    pretrained = init_params(f32, jax.random.key(1))
+    s32, _ = create_train_state(f32, lp, tx, mesh, jax.random.key(0), pretrained=pretrained)
+    s16, _ = create_train_state(bf16, lp, tx, mesh, jax.random.key(0), pretrained=pretrained)
+    nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    assert {x.dtype for x in jax.tree.leaves(s16.params["model"])} == {jnp.dtype(jnp.bfloat16)}
+    assert nbytes(s16.params["model"]) * 2 == nbytes(s32.params["model"])
+    assert nbytes(s16.opt_state) < 0.51 * nbytes(s32.opt_state)
+    for a, b in zip(jax.tree.leaves(s16.params["model"]), jax.tree.leaves(pretrained)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
+    fresh, _ = create_train_state(bf16, lp, tx, mesh, jax.random.key(0))
+    assert {x.dtype for x in jax.tree.leaves(fresh.params["model"])} == {jnp.dtype(jnp.bfloat16)}
+    rng = np.random.default_rng(0)
+    batch = {k: jnp.asarray(rng.integers(1, 100, (8, 12)), jnp.int32) for k in ("query_ids", "positive_ids")}
+    batch.update(query_mask=jnp.ones((8, 12), jnp.int32), positive_mask=jnp.ones((8, 12), jnp.int32))
+    step = jax.jit(make_train_step(bf16, objective, tx))
+    losses = []
+    state = s16
+    for _ in range(4):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert {x.dtype for x in jax.tree.leaves(state.params["model"])} == {jnp.dtype(jnp.bfloat16)}
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+
+
 def test_config_keys_reach_the_encoder_and_are_checked():
     c = base_config()
     c.init_from = "x"
-    c.dtype, c.dropout_rate, c.remat_policy = "bfloat16", 0.1, "dots"
+    c.dtype, c.dropout_rate, c.remat_policy, c.param_dtype = "bfloat16", 0.1, "dots", "bfloat16"
     validate(c)
     enc = with_runtime(_cfg("t5"), c).encoder
-    assert (enc.dtype, enc.dropout_rate, enc.remat) == ("bfloat16", 0.1, "dots")
+    assert (enc.dtype, enc.dropout_rate, enc.remat, enc.param_dtype) == ("bfloat16", 0.1, "dots", "bfloat16")
+    assert "param_dtype" not in enc.to_hf()
     assert "dropout_rate" not in enc.to_hf() or enc.to_hf()["dropout_rate"] == 0.1   # HF's own key, not ours
     assert "remat" not in enc.to_hf()
-    for key, bad in (("dtype", "float16"), ("remat_policy", "everything"), ("dropout_rate", 1.0)):
+    for key, bad in (("dtype", "float16"), ("remat_policy", "everything"), ("dropout_rate", 1.0),
+                     ("param_dtype", "float16")):
         c2 = base_config()
         c2.init_from = "x"
         c2[key] = bad
