@@ -77,6 +77,8 @@ def base_config() -> ConfigDict:
     c.dropout_rate = 0.0                   # dropout on embeddings and each residual branch, training steps only
                                            # (sentence-transformers fine-tunes BERT-family models at 0.1)
     c.remat_policy = "none"                # per-layer rematerialisation: none | full | dots
+    c.scan_layers = False                  # the encoder's layers as one scanned stack: one layer compiled
+                                           # instead of all (BERT family and T5; checkpoints keep the layout)
     # data
     c.data = ConfigDict()
     c.data.kind = "beir"                   # beir | pairs | stsb

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from embedjax.models.layers import (Dense, Embed, LayerNorm, activation,
-                                     head_scale, masked_attention, RUNTIME_FIELDS, dropout, layer_class)
+                                     head_scale, masked_attention, RUNTIME_FIELDS, dropout, run_layers, scan_out)
 from embedjax.models.t5 import relative_position_buckets
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
@@ -45,6 +45,7 @@ class BertConfig:
     dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
     remat: str = "none"            # layers.REMAT_POLICIES
     param_dtype: str = "float32"   # dtype the trainer stores parameters (and so optimizer state) in
+    scan_layers: bool = False      # layers.run_layers: one scanned layer stack instead of a loop
 
     @property
     def hidden_dim(self) -> int:
@@ -112,7 +113,7 @@ class BertLayer(nn.Module):
         h_BxLxF = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dtype, name="intermediate")(x_BxLxD)
         h_BxLxF = activation(cfg.hidden_act)(h_BxLxF)
         out = dropout(self, Dense(D, ("mlp", "embed"), dtype=dtype, name="output")(h_BxLxF), cfg.dropout_rate)
-        return LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="output_norm")(out + x_BxLxD)
+        return scan_out(cfg, _constrain(LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="output_norm")(out + x_BxLxD)))
 
 
 class BertEncoder(nn.Module):
@@ -149,7 +150,4 @@ class BertEncoder(nn.Module):
                                (cfg.relative_attention_num_buckets, cfg.num_attention_heads), jnp.float32)
             buckets_LxL = relative_position_buckets(L, L, cfg.relative_attention_num_buckets, 128)
             bias = jnp.transpose(table[buckets_LxL], (2, 0, 1))[None]
-        layer = layer_class(BertLayer, cfg.remat)
-        for i in range(cfg.num_hidden_layers):
-            x_BxLxD = _constrain(layer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias))
-        return x_BxLxD
+        return run_layers(BertLayer, cfg, cfg.num_hidden_layers, x_BxLxD, mask_BxL, bias)

@@ -18,6 +18,7 @@ from embedjax import errors
 from embedjax.models.bert import BertConfig
 from embedjax.models.modernbert import ModernBertConfig
 from embedjax.models.dual_encoder import ARCHITECTURES, HeadConfig, ModelConfig, tower_params
+from embedjax.models.layers import stack_layers, unstack_layers
 from embedjax.models.t5 import T5Config
 
 log = logging.getLogger(__name__)
@@ -339,10 +340,14 @@ def hf_to_tower_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], source:
     if missing:
         raise ModelLoadError(f"{source}: {len(missing)} weights missing for a {cfg.architecture} model "
                              f"(first: {missing[0]}); the file does not match config.json")
+    if getattr(cfg.encoder, "scan_layers", False):
+        params["encoder"] = stack_layers(params["encoder"])
     return params
 
 
 def tower_params_to_hf(cfg: ModelConfig, tower: dict) -> dict[str, np.ndarray]:
+    if "layers" in tower.get("encoder", {}):   # scanned layers: back to one entry per layer
+        tower = dict(tower, encoder=unstack_layers(tower["encoder"]))
     out: dict[str, Any] = {}
     for key, path, kind in _mapping(cfg):
         base, i, n = _part(kind)

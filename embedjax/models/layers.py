@@ -142,7 +142,7 @@ class RMSNorm(nn.Module):
 
 # Training-time settings every encoder config carries (`dtype` is the third): they change how a step runs,
 # never what a trained model computes at inference, so they are not written to Hugging Face configs.
-RUNTIME_FIELDS = ("dropout_rate", "remat", "param_dtype")
+RUNTIME_FIELDS = ("dropout_rate", "remat", "param_dtype", "scan_layers")
 
 # Rematerialisation of each encoder layer in the backward pass (`remat` of the encoder configs; the trainer's
 # `remat_policy`): "none" keeps every activation; "full" keeps only each layer's input and recomputes the rest;
@@ -157,6 +157,81 @@ def layer_class(cls: type[nn.Module], remat: str) -> type[nn.Module]:
     if REMAT_POLICIES[remat] is None:
         return cls
     return nn.remat(cls, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]), prevent_cse=True)
+
+
+def run_layers(layer_cls: type[nn.Module], cfg: Any, n: int, x: jax.Array, *args: Any) -> jax.Array:
+    """`n` layers of `layer_cls(cfg)` applied in turn to `x` (the other `args` go to every layer unchanged),
+    rematerialised per `cfg.remat`. With `cfg.scan_layers` one `nn.scan` over a stack of layers: parameters
+    `layers/...` with a leading layer axis (logical name "layers"), one layer body traced and compiled instead of
+    `n` (compile time and program size no longer grow with depth); else `layer_0` ... `layer_{n-1}`. A layer's
+    `__call__` returns `scan_out(cfg, y)`."""
+    layer = layer_class(layer_cls, cfg.remat)
+    if not cfg.scan_layers:
+        for i in range(n):
+            x = layer(cfg, name=f"layer_{i}")(x, *args)
+        return x
+    scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * len(args), length=n,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(cfg, name="layers")(x, *args)
+    return x
+
+
+def scan_out(cfg: Any, y: jax.Array) -> Any:
+    """What a layer returns: `y`, or `(y, None)` (carry, no per-layer output) when the layers are scanned."""
+    return (y, None) if cfg.scan_layers else y
+
+
+def stack_layers(params: dict) -> dict:
+    """`layer_0` ... `layer_{n-1}` of an encoder's params -> `layers`, each leaf stacked on a new first axis (the
+    layout of `scan_layers`). Lazily read weights stay lazy (`StackedWeight`)."""
+    n = sum(1 for k in params if k.startswith("layer_") and k[6:].isdigit())
+    if n == 0:   # already stacked
+        return params
+    parts = [params[f"layer_{i}"] for i in range(n)]
+    out = {k: v for k, v in params.items() if not (k.startswith("layer_") and k[6:].isdigit())}
+
+    def stack(*leaves):
+        if hasattr(leaves[0], "read"):
+            return StackedWeight(leaves)
+        return np.stack([np.asarray(x) for x in leaves])
+    out["layers"] = jax.tree.map(stack, *parts, is_leaf=lambda x: hasattr(x, "read"))
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers`."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    for i in range(n):
+        out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x[i]), params["layers"])
+    return out
+
+
+class StackedWeight:
+    """Lazily read weights (see `convert.LazyWeight`) of every layer, as one [n, ...] array: `read(index)` reads
+    only the layers and slices `index` asks for."""
+
+    def __init__(self, parts: Any):
+        self.parts = tuple(parts)
+        self.dtype = np.dtype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts),) + tuple(self.parts[0].shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        idx = tuple(index) if index is not None else ()
+        first, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
+        return np.stack([self.parts[i].read(rest) for i in range(len(self.parts))[first]])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        x = self.read()
+        return x if dtype is None else x.astype(dtype)
 
 
 def dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:

@@ -48,6 +48,7 @@ class ModernBertConfig:
     dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
     remat: str = "none"            # layers.REMAT_POLICIES
     param_dtype: str = "float32"   # dtype the trainer stores parameters (and so optimizer state) in
+    scan_layers: bool = False      # not supported: its layers differ (see __post_init__)
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -60,6 +61,9 @@ class ModernBertConfig:
         if bad or len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types must name {self.num_hidden_layers} layers as {_FULL} / {_SLIDING}, "
                              f"got {list(self.layer_types)}")
+        if self.scan_layers:
+            raise ValueError("scan_layers is not supported for ModernBERT: its layers differ (global and local "
+                             "attention, no attention norm in the first); set scan_layers=False")
 
     @property
     def hidden_dim(self) -> int:

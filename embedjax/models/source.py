@@ -23,6 +23,7 @@ from typing import Any
 
 from embedjax.errors import ConfigError
 from embedjax.models.dual_encoder import HeadConfig, ModelConfig, tower_params
+from embedjax.models.layers import stack_layers
 
 HEAD_KEYS = ("head", "shared_towers", "max_length")   # what model_config may change on top of init_from
 
@@ -114,16 +115,22 @@ def resolve(config: Any, *, weights: bool = True, tokenizer: bool = True) -> Mod
     config's `dtype`, `dropout_rate` and `remat_policy` are set on the encoder config."""
     src = _resolve(config, weights=weights, tokenizer=tokenizer)
     src.config = with_runtime(src.config, config)
+    if src.params is not None and src.config.encoder.scan_layers:   # pretrained layers into the scanned layout
+        src.params = {k: dict(t, encoder=stack_layers(t["encoder"])) for k, t in src.params.items()}
     return src
 
 
 def with_runtime(cfg: ModelConfig, config: Any) -> ModelConfig:
-    """`cfg` with the training config's compute and parameter dtypes, dropout rate and remat policy on its
-    encoder."""
-    enc = dataclasses.replace(cfg.encoder, dtype=str(config.get("dtype", "float32")),
-                              dropout_rate=float(config.get("dropout_rate", 0.0)),
-                              remat=str(config.get("remat_policy", "none")),
-                              param_dtype=str(config.get("param_dtype", "float32")))
+    """`cfg` with the training config's compute and parameter dtypes, dropout rate, remat policy and layer
+    scanning on its encoder."""
+    try:
+        enc = dataclasses.replace(cfg.encoder, dtype=str(config.get("dtype", "float32")),
+                                  dropout_rate=float(config.get("dropout_rate", 0.0)),
+                                  remat=str(config.get("remat_policy", "none")),
+                                  param_dtype=str(config.get("param_dtype", "float32")),
+                                  scan_layers=bool(config.get("scan_layers", False)))
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
     return dataclasses.replace(cfg, encoder=enc)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from embedjax.models.layers import (Dense, Embed, RMSNorm, activation,
-                                     masked_attention, RUNTIME_FIELDS, dropout, layer_class)
+                                     masked_attention, RUNTIME_FIELDS, dropout, run_layers, scan_out)
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
 
@@ -42,6 +42,7 @@ class T5Config:
     dropout_rate: float = 0.0      # training only (a step given a "dropout" rng); see layers.dropout
     remat: str = "none"            # layers.REMAT_POLICIES
     param_dtype: str = "float32"   # dtype the trainer stores parameters (and so optimizer state) in
+    scan_layers: bool = False      # layers.run_layers: one scanned layer stack instead of a loop
 
     @property
     def hidden_dim(self) -> int:
@@ -123,8 +124,8 @@ class T5Layer(nn.Module):
             h = g * lin
         else:
             h = act(Dense(cfg.d_ff, ("embed", "mlp"), use_bias=False, dtype=dtype, name="wi")(h))
-        return x_BxLxD + dropout(self, Dense(D, ("mlp", "embed"), use_bias=False, dtype=dtype, name="wo")(h),
-                                 cfg.dropout_rate)
+        return scan_out(cfg, _constrain(x_BxLxD + dropout(
+            self, Dense(D, ("mlp", "embed"), use_bias=False, dtype=dtype, name="wo")(h), cfg.dropout_rate)))
 
 
 class T5Encoder(nn.Module):
@@ -148,8 +149,6 @@ class T5Encoder(nn.Module):
         buckets_LxL = relative_position_buckets(L, L, cfg.relative_attention_num_buckets,
                                                 cfg.relative_attention_max_distance)
         bias_1xHxLxL = jnp.take(rel_table, jnp.asarray(buckets_LxL), axis=0).transpose(2, 0, 1)[None]
-        layer = layer_class(T5Layer, cfg.remat)
-        for i in range(cfg.num_layers):
-            x_BxLxD = _constrain(layer(cfg, name=f"layer_{i}")(x_BxLxD, mask_BxL, bias_1xHxLxL))
+        x_BxLxD = run_layers(T5Layer, cfg, cfg.num_layers, x_BxLxD, mask_BxL, bias_1xHxLxL)
         return dropout(self, RMSNorm(cfg.layer_norm_epsilon, dtype=dtype, name="final_norm")(x_BxLxD),
                        cfg.dropout_rate)

@@ -189,3 +189,76 @@ def test_config_keys_reach_the_encoder_and_are_checked():
             validate(c2)
     # a Hugging Face T5 config's dropout_rate (0.1) is not read as ours: loading never turns dropout on
     assert T5Config.from_hf({"d_model": 8, "dropout_rate": 0.1}).dropout_rate == 0.0
+
+
+@pytest.mark.parametrize("arch,extra", [("bert", {}), ("t5", {})])
+def test_scanned_layers_same_values_gradients_and_weights(arch, extra):
+    """scan_layers: one scanned stack computes what the loop of layers computes (values and gradients, with
+    dropout and remat too); the stacked parameters are the per-layer ones (stack_layers / unstack_layers), carry
+    the logical axis "layers" first, and the program holds one layer body instead of one per layer."""
+    import flax.linen as nn
+
+    from embedjax.models.layers import stack_layers, unstack_layers
+
+    n = 4
+    depth = {"bert": {"num_hidden_layers": n}, "t5": {"num_layers": n}}[arch]
+    loop = ModelConfig(arch, dataclasses.replace(ENCODERS[arch], **depth, **extra), HeadConfig(pooling="mean"),
+                       max_length=32)
+    scan = dataclasses.replace(loop, encoder=dataclasses.replace(loop.encoder, scan_layers=True))
+    params = init_params(loop, jax.random.key(0))
+    stacked = {"tower": dict(params["tower"], encoder=stack_layers(params["tower"]["encoder"]))}
+    assert jax.tree.structure(stacked) == jax.tree.structure(init_params(scan, jax.random.key(0)))
+    leaf = stacked["tower"]["encoder"]["layers"]["query"]["kernel"]
+    assert leaf.shape[0] == n
+    boxed = jax.eval_shape(lambda: DualEncoder(scan).init(jax.random.key(0), *_inputs()))["params"]
+    names = boxed["tower"]["encoder"]["layers"]["query"]["kernel"].names
+    assert names[0] == "layers" and isinstance(boxed["tower"]["encoder"]["layers"]["query"]["kernel"],
+                                                nn.LogicallyPartitioned)
+    back = unstack_layers(stacked["tower"]["encoder"])
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params["tower"]["encoder"])):
+        np.testing.assert_array_equal(a, b)
+
+    ids, mask = _inputs()
+    grad = lambda c, p: jax.jit(jax.value_and_grad(lambda p: _loss(c, p, ids, mask), has_aux=True))(p)  # noqa: E731
+    (l0, o0), g0 = grad(loop, params)
+    (l1, o1), g1 = grad(scan, stacked)
+    np.testing.assert_allclose(o1, o0, atol=2e-6)
+    g1 = {"tower": dict(g1["tower"], encoder=unstack_layers(g1["tower"]["encoder"]))}
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    # with remat and dropout it still trains (dropout keys differ per layer: split across the scan)
+    both = dataclasses.replace(scan, encoder=dataclasses.replace(scan.encoder, remat="full", dropout_rate=0.2))
+    out = DualEncoder(both).apply({"params": stacked}, ids, mask, rngs={"dropout": jax.random.key(1)})
+    assert np.isfinite(np.asarray(out)).all() and np.abs(np.asarray(out) - np.asarray(o0)).max() > 1e-3
+    # one layer body in the program, not n
+    hlo = lambda c, p: jax.jit(lambda p: DualEncoder(c).apply({"params": p}, ids, mask)).lower(p).as_text()  # noqa: E731
+    dots = hlo(scan, stacked).count("dot_general"), hlo(loop, params).count("dot_general")
+    assert dots[0] * n == dots[1], dots
+
+
+def test_scanned_layers_load_pretrained_save_back_and_refuse_modernbert(tmp_path, tiny_bert_dir):
+    """A pretrained folder loads into the scanned layout (config key `scan_layers`), a sentence-transformers
+    folder written from it has the per-layer weights again; ModernBERT (layers that differ) is refused."""
+    from embedjax import Encoder
+    from embedjax.models.source import resolve
+    from embedjax.models.convert import save_sentence_transformers
+
+    c = base_config()
+    c.init_from = str(tiny_bert_dir)
+    c.scan_layers = True
+    validate(c)
+    src = resolve(c)
+    assert src.config.encoder.scan_layers and "layers" in src.params["tower"]["encoder"]
+    ref = Encoder.load(tiny_bert_dir)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    objective, lp = make_objective({"name": "in_batch_softmax", "temperature": 0.05})
+    state, _ = create_train_state(src.config, lp, optax.sgd(0.0), mesh, jax.random.key(0), pretrained=src.params)
+    scanned = Encoder(src.config, state.params["model"], src.tokenizer)
+    texts = ["a scanned stack of layers", "the same numbers"]
+    np.testing.assert_allclose(scanned.encode(texts), ref.encode(texts), atol=1e-6)
+    out = save_sentence_transformers(tmp_path / "st", src.config, jax.device_get(state.params["model"]),
+                                     src.tokenizer)
+    np.testing.assert_allclose(Encoder.load(out).encode(texts), ref.encode(texts), atol=1e-6)
+
+    with pytest.raises(ValueError, match="scan_layers is not supported for ModernBERT"):
+        dataclasses.replace(ENCODERS["modernbert"], scan_layers=True)
