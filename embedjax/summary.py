@@ -128,7 +128,9 @@ def write_summary(workdir: str | Path, results: dict[str, Any] | None = None) ->
     if "examples_per_second" in timing:
         lines.append(f"| throughput | {timing['examples_per_second']:.1f} examples/s |")
     if "peak_rss_bytes" in timing:
-        lines.append(f"| peak resident memory | {timing['peak_rss_bytes'] / 2**30:.2f} GiB |")
+        by_phase = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in timing.get("peak_rss_by_phase", {}).items())
+        lines.append(f"| peak resident memory | {timing['peak_rss_bytes'] / 2**30:.2f} GiB"
+                     + (f" (peak as each phase ended, GiB: {by_phase})" if by_phase else "") + " |")
     if results.get("final_model"):
         lines.append(f"| final model | `{results['final_model']}` |")
     md = workdir / "summary.md"

@@ -451,20 +451,27 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     stopper = StopWhenAsked(stop_requested)
     actions = [LogMetrics(config), stopper, EvaluateEvery(config.eval.every_steps), CheckpointEvery(config, stopper)]
     timing = run.results.setdefault("timing", {})
+    # the peak resident memory as each phase ends (the peak only grows: the first phase that raises it most is
+    # what the job's memory is for)
+    peaks = timing.setdefault("peak_rss_by_phase", {})
+    peaks["start-up"] = peak_rss_bytes()
     try:
         if run.evaluator and config.eval.before and start == 0:
             t0 = time.time()
             run.results["before"] = run.evaluate("before")
             timing["eval_before_s"] = time.time() - t0
+            peaks["evaluation before"] = peak_rss_bytes()
         t0 = time.time()
         train_loop(run, exp.train_step(source.config, shards), train_iter, actions)
         timing["train_s"] = time.time() - t0
+        peaks["training"] = peak_rss_bytes()
         run.results["final_step"] = run.step
         after = None
         if run.step >= config.num_steps and run.evaluator:
             t0 = time.time()
             after = run.results["after"] = run.evaluate("after")
             timing["eval_after_s"] = time.time() - t0
+            peaks["evaluation after"] = peak_rss_bytes()
         if run.last_ckpt != run.step:
             ckpt.save(run.step, run.state, run.data_state, metrics=after)
     except BaseException:
