@@ -31,12 +31,15 @@ class Encoder:
 
     def __init__(self, config: ModelConfig, params: dict, tokenizer: Any, *, name: str = "",
                  prompts: dict[str, str] | None = None, hf_config: dict | None = None, mesh: Any = None,
-                 prompt: Prompt | None = None):
+                 prompt: Prompt | None = None, default_prompt_name: str | None = None):
         """`prompts`: sentence-transformers prompts (name -> prefix, for `encode(prompt_name=...)`).
         `prompt`: the query / document templates the model was trained with (`embedjax.data.prompts`, the one
         prompt language), applied by `encode_queries` / `encode_documents`; default: read from the "query" /
         "document" entries of `prompts`. `mesh`: when the params live on a device mesh (e.g. during training),
-        batches are sharded over its data axes so encoding is data parallel instead of replicated."""
+        batches are sharded over its data axes so encoding is data parallel instead of replicated.
+        `default_prompt_name` (sentence-transformers' key of that name): the entry of `prompts` that `encode`
+        applies when given no prompt, and that queries and documents get when `prompts` has no "query" /
+        "document" entry, as sentence-transformers does."""
         import jax
 
         self.config = config
@@ -44,7 +47,17 @@ class Encoder:
         self.tokenizer = tokenizer
         self.name = name
         self.prompts = dict(prompts or {})
-        self.prompt = prompt if prompt is not None else prompt_from_st(self.prompts)
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts "
+                             f"{sorted(self.prompts)}")
+        self.default_prompt_name = default_prompt_name
+        if prompt is None:
+            roles = dict(self.prompts)
+            if default_prompt_name is not None:
+                for role in ("query", "document"):
+                    roles.setdefault(role, self.prompts[default_prompt_name])
+            prompt = prompt_from_st(roles)
+        self.prompt = prompt
         self._hf_config = hf_config
         self._text = TextTokenizer(tokenizer, config.max_length)
         self._module = DualEncoder(config)
@@ -69,13 +82,19 @@ class Encoder:
             raise ModelLoadError(f"{tdir}: tokenizer has {len(tok)} tokens but the model's vocabulary has "
                                  f"{_vocab_size(cfg)}: they do not belong together")
         hf_config = json.loads((tdir / "config.json").read_text(encoding="utf-8"))
-        return cls(cfg, params, tok, name=str(path_or_id), prompts=extras.get("prompts"), hf_config=hf_config)
+        default = extras.get("default_prompt_name")
+        if default is not None and default not in (extras.get("prompts") or {}):
+            raise ModelLoadError(f"{path_or_id}/config_sentence_transformers.json: default_prompt_name {default!r} "
+                                 f"is not one of its prompts {sorted(extras.get('prompts') or {})}")
+        return cls(cfg, params, tok, name=str(path_or_id), prompts=extras.get("prompts"), hf_config=hf_config,
+                   default_prompt_name=default)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes a sentence-transformers folder (safetensors) that `SentenceTransformer(path)` loads. The
         training prompt goes into its ``prompts`` as "query" / "document" where it has a prefix form."""
         return save_sentence_transformers(path, self.config, self.params, self.tokenizer,
-                                          prompts=st_prompts(self.prompt, self.prompts), hf_config=self._hf_config)
+                                          prompts=st_prompts(self.prompt, self.prompts), hf_config=self._hf_config,
+                                          default_prompt_name=self.default_prompt_name)
 
     # --------------------------------------------------------------------------------------- properties
     @property
@@ -134,6 +153,8 @@ class Encoder:
             if prompt_name not in self.prompts:
                 raise ValueError(f"unknown prompt_name {prompt_name!r}; this model has {sorted(self.prompts)}")
             prompt = self.prompts[prompt_name]
+        elif prompt is None and self.default_prompt_name is not None:
+            prompt = self.prompts[self.default_prompt_name]
         max_len = int(max_length or self.config.max_length)
         if max_len > self.config.max_length and self.config.architecture == "bert":
             raise ValueError(f"max_length {max_len} exceeds the model's {self.config.max_length}")
@@ -205,14 +226,14 @@ class Encoder:
         """`encode` of queries: the model's query prompt applied, the query tower."""
         if "prompt" in kw or "prompt_name" in kw:
             raise TypeError("encode_queries applies the model's own prompt; use encode(prompt=...) for another")
-        return self.encode(self.format_texts(texts, "query"), tower="query", **kw)
+        return self.encode(self.format_texts(texts, "query"), tower="query", prompt="", **kw)
 
     def encode_documents(self, texts: str | Iterable[str], titles: Sequence[str] | None = None,
                          **kw: Any) -> np.ndarray:
         """`encode` of documents (with optional titles): the model's document prompt, the document tower."""
         if "prompt" in kw or "prompt_name" in kw:
             raise TypeError("encode_documents applies the model's own prompt; use encode(prompt=...) for another")
-        return self.encode(self.format_texts(texts, "document", titles), tower="document", **kw)
+        return self.encode(self.format_texts(texts, "document", titles), tower="document", prompt="", **kw)
 
     def __repr__(self) -> str:
         c = self.config

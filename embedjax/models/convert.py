@@ -591,7 +591,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def save_sentence_transformers(path: str | os.PathLike, cfg: ModelConfig, params: dict, tokenizer: Any,
-                               *, prompts: dict[str, str] | None = None, hf_config: dict | None = None) -> Path:
+                               *, prompts: dict[str, str] | None = None, hf_config: dict | None = None,
+                               default_prompt_name: str | None = None) -> Path:
     """Writes a folder that `SentenceTransformer(path)` loads (safetensors weights). Separate towers become a
     Router with the routes 'query' and 'document' (`encode_query` / `encode_document` pick them)."""
     out = Path(path)
@@ -611,7 +612,10 @@ def save_sentence_transformers(path: str | os.PathLike, cfg: ModelConfig, params
             "parameters": {"default_route": "document", "allow_empty_key": True, "route_mappings": {}}})
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Router"}]
     _write_json(out / "modules.json", modules)
-    st_cfg: dict[str, Any] = {"similarity_fn_name": "cosine", "prompts": prompts or {}, "default_prompt_name": None}
+    if default_prompt_name is not None and default_prompt_name not in (prompts or {}):
+        raise ValueError(f"default_prompt_name {default_prompt_name!r} is not one of the prompts {sorted(prompts or {})}")
+    st_cfg: dict[str, Any] = {"similarity_fn_name": "cosine", "prompts": prompts or {},
+                              "default_prompt_name": default_prompt_name}
     _write_json(out / "config_sentence_transformers.json", st_cfg)
     _write_json(out / "embedjax_config.json", cfg.to_dict())
     return out

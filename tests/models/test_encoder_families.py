@@ -214,3 +214,38 @@ def test_router_folder_loads_as_two_towers_and_saves_back(tmp_path):
     with pytest.raises(ModelLoadError, match=r"router_config.json: the query and document routes differ in their "
                                              r"head"):
         Encoder.load(other)
+
+
+def test_default_prompt_name_is_honoured_as_sentence_transformers_does(tmp_path, tiny_bert_dir):
+    """config_sentence_transformers.json's `default_prompt_name`: `encode` without a prompt applies that prompt,
+    queries and documents get it where the model has no "query" / "document" prompt, as in sentence-transformers;
+    embedjax writes it back; a default naming no prompt is refused with the file."""
+    from embedjax import Encoder
+    from embedjax.models.convert import ModelLoadError
+
+    folder = tmp_path / "prompted"
+    ref_model = st.SentenceTransformer(str(tiny_bert_dir), device="cpu",
+                                       prompts={"classification": "Classify this: ", "query": "query: "},
+                                       default_prompt_name="classification")
+    ref_model.save(str(folder))
+    texts = TEXTS[:4]
+    enc = Encoder.load(folder)
+    assert enc.default_prompt_name == "classification"
+    plain = Encoder.load(tiny_bert_dir)
+    assert np.abs(enc.encode(texts) - ref_model.encode(texts, convert_to_numpy=True)).max() <= 1e-5
+    assert np.abs(enc.encode(texts) - plain.encode(["Classify this: " + t for t in texts])).max() <= 1e-6
+    assert np.abs(enc.encode_queries(texts) - ref_model.encode_query(texts, convert_to_numpy=True)).max() <= 1e-5
+    assert np.abs(enc.encode_documents(texts)
+                  - ref_model.encode_document(texts, convert_to_numpy=True)).max() <= 1e-5
+    assert np.abs(enc.encode(texts, prompt_name="query") - plain.encode(["query: " + t for t in texts])).max() <= 1e-6
+
+    back = enc.save(tmp_path / "back")
+    cfg = json.loads((back / "config_sentence_transformers.json").read_text())
+    assert cfg["default_prompt_name"] == "classification" and cfg["prompts"]["classification"] == "Classify this: "
+    again = st.SentenceTransformer(str(back), device="cpu")
+    assert np.abs(again.encode(texts, convert_to_numpy=True) - enc.encode(texts)).max() <= 1e-5
+
+    cfg["default_prompt_name"] = "clustering"
+    (back / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="config_sentence_transformers.json: default_prompt_name 'clustering'"):
+        Encoder.load(back)
