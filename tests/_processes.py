@@ -72,3 +72,21 @@ def wait_all(procs: list[Proc], timeout: float) -> list[int]:
 
 def logs(procs: list[Proc], tail: int = 4000) -> str:
     return "\n".join(f"--- process {p.index} ---\n{p.output()[-tail:]}" for p in procs)
+
+
+def start_python(n: int, code: str, *, devices_per_process: int, logdir: Path, args: list[str] = ()) -> list[Proc]:
+    """Runs `code` as processes 0..n-1 of one job: `jax.distributed.initialize` on 127.0.0.1 is called first
+    (`PROCESS_ID` and `NUM_PROCESSES` are defined for the code); `args` are its sys.argv[1:]."""
+    port = free_port()
+    logdir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(n):
+        prologue = ("import jax\n"
+                    f"jax.distributed.initialize(coordinator_address='127.0.0.1:{port}', num_processes={n}, "
+                    f"process_id={i})\nPROCESS_ID, NUM_PROCESSES = {i}, {n}\n")
+        log = logdir / f"process{i}.log"
+        f = open(log, "w")  # noqa: SIM115 - closed with the process
+        procs.append(Proc(i, subprocess.Popen([sys.executable, "-c", prologue + code, *args], cwd=REPO,
+                                              env=child_env(devices_per_process), stdout=f,
+                                              stderr=subprocess.STDOUT), log))
+    return procs
