@@ -23,6 +23,15 @@ naming a document that is not in the corpus is counted and reported, and kept: i
 so it lowers recall / nDCG exactly as it does in pytrec_eval. With ``ignore_identical_ids`` a retrieved
 document whose id equals the query id is dropped before scoring (BEIR's option, for ArguAna / Quora style
 corpora); one extra document is retrieved so that k remain.
+
+Compact indexes (``precision``, ``rescore``, ``dim``; see :mod:`embedjax.quantize`): the corpus is kept as
+int8 / uint8 codes or packed bits, quantised chunk by chunk as it streams in, and searched with the float
+queries (int8: asymmetric dot product; binary: Hamming distance). ``rescore`` re-ranks the top
+``rescore_multiplier x k`` binary candidates with the float query against int8 codes or float32 vectors kept
+beside the bits. ``dim`` keeps the first ``dim`` components (Matryoshka), re-normalised for "cos". int8 ranges
+are the model's calibration when given, else the minimum and maximum of a random sample of
+``corpus_chunk_size`` documents, which are streamed first. ``last_info`` reports ``index_bytes_per_doc`` and
+``rescore_bytes_per_doc``.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +60,7 @@ from embedjax.evaluate.base import (
     l2_normalize,
 )
 from embedjax.progress import progress
+from embedjax import quantize as qz
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +205,10 @@ def exact_search(
     doc_of_rank: np.ndarray,
     k: int,
     query_chunk_size: int = 1024,
+    score_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by dot product, streamed over ``doc_chunks`` of ``(doc_index_C, emb_CxD)``.
+    """Exact top-k by dot product (or ``score_fn(q_block, doc_chunk)``: quantised codes), streamed over
+    ``doc_chunks`` of ``(doc_index_C, emb_CxD)``.
 
     Returns ``(scores_QxK float32, doc_index_QxK int64)``, each row in trec_eval order (score descending, ties
     by doc id descending); ``K = min(k, number of docs seen)``. Holds at most a ``[query_chunk, C + k]`` block
@@ -205,13 +217,14 @@ def exact_search(
     n_q = q_QxD.shape[0]
     running: np.ndarray | None = None  # uint64 [Q, <=k]
     for doc_idx_C, d_CxD in doc_chunks:
-        if d_CxD.shape[1] != q_QxD.shape[1]:
+        if score_fn is None and d_CxD.shape[1] != q_QxD.shape[1]:
             raise ValueError(f"document embeddings have dim {d_CxD.shape[1]}, query embeddings {q_QxD.shape[1]}")
         rank_C = doc_rank_N[doc_idx_C]
         blocks = []
         for qs in range(0, n_q, query_chunk_size):
             qe = min(qs + query_chunk_size, n_q)
-            keys = make_keys(q_QxD[qs:qe] @ d_CxD.T, rank_C)
+            block = q_QxD[qs:qe] @ d_CxD.T if score_fn is None else score_fn(q_QxD[qs:qe], d_CxD)
+            keys = make_keys(block, rank_C)
             if running is not None:
                 keys = np.concatenate([running[qs:qe], keys], axis=1)
             blocks.append(top_keys(keys, k))
@@ -373,7 +386,24 @@ class RetrievalEvaluator(Evaluator):
         query_chunk_size: int = 1024,
         encode_piece_size: int = 512,
         show_progress: bool | None = None,
+        precision: str = "float32",
+        rescore: str | None = None,
+        rescore_multiplier: int = 4,
+        ranges: np.ndarray | None = None,
+        dim: int | None = None,
+        quantizer: Callable[[np.ndarray, str, np.ndarray | None], np.ndarray] | None = None,
+        calibration_seed: int = 0,
     ) -> None:
+        qz.check_precision(precision)
+        if rescore is not None:
+            if precision not in qz.BINARY:
+                raise ValueError(f"rescore re-ranks a binary search's candidates; precision is {precision!r}")
+            if rescore not in ("int8", "float32"):
+                raise ValueError(f"rescore must be 'int8' or 'float32', got {rescore!r}")
+        if rescore_multiplier < 1:
+            raise ValueError(f"rescore_multiplier must be >= 1, got {rescore_multiplier}")
+        if dim is not None and dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
         if score_function not in ("cos", "dot"):
             raise ValueError(f"score_function must be 'cos' or 'dot', got {score_function!r}")
         if not data.doc_ids:
@@ -394,6 +424,12 @@ class RetrievalEvaluator(Evaluator):
         self.encode_piece_size = encode_piece_size
         self.show_progress = show_progress
         self.main_metric = "ndcg@10" if 10 in self.k_values else f"ndcg@{self.k_values[0]}"
+        self.precision, self.rescore, self.rescore_multiplier = precision, rescore, int(rescore_multiplier)
+        self.ranges = None if ranges is None else np.asarray(ranges, np.float32)
+        self.dim = dim
+        # how codes are made: embedjax.quantize.quantize, or a peer's function with the same signature
+        self.quantizer = quantizer or qz.quantize
+        self.calibration_seed = calibration_seed
         self.last_info: dict[str, Any] = {}
         self.last_per_query: dict[str, dict[str, float]] = {}
         self._check_qrels()
@@ -464,6 +500,14 @@ class RetrievalEvaluator(Evaluator):
         ).hexdigest()[:32]
         return self.cache_dir / f"{digest}.npy"
 
+    def _view(self, emb: np.ndarray, normalize: bool) -> np.ndarray:
+        """The evaluated part of embeddings: the first `dim` components (Matryoshka), normalised for "cos"."""
+        if self.dim is not None:
+            if self.dim > emb.shape[1]:
+                raise ValueError(f"dim {self.dim} exceeds the embedding dimension {emb.shape[1]}")
+            emb = emb[:, : self.dim]
+        return l2_normalize(emb) if normalize else emb
+
     def _doc_chunks(
         self, encode_fn: EncodeFn, texts: list[str], order: np.ndarray, normalize: bool
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -485,7 +529,7 @@ class RetrievalEvaluator(Evaluator):
                 for s in chunks:
                     idx = order[s : s + self.corpus_chunk_size]
                     emb = np.fromfile(f, dtype="<f4", count=len(idx) * dim).reshape(len(idx), dim)
-                    yield idx, (l2_normalize(emb) if normalize else emb)
+                    yield idx, self._view(emb, normalize)
             return
         writer = None
         if path is not None:
@@ -501,7 +545,7 @@ class RetrievalEvaluator(Evaluator):
                     emb = encode_in_pieces(encode_fn, [texts[i] for i in idx], "document", self.encode_piece_size, bar)
                     if writer is not None:
                         writer.write(emb)
-                    yield idx, (l2_normalize(emb) if normalize else emb)
+                    yield idx, self._view(emb, normalize)
             if writer is not None:
                 writer.commit()
                 writer = None
@@ -528,10 +572,16 @@ class RetrievalEvaluator(Evaluator):
         order = np.argsort(-lengths, kind="stable")
         rank_N, doc_of_rank = doc_id_ranks(self.data.doc_ids)
         search_k = k + 1 if self.ignore_identical_ids else k
-        scores_QxK, idx_QxK = exact_search(
-            q_QxD, self._doc_chunks(encode_fn, texts, order, normalize), rank_N, doc_of_rank,
-            search_k, self.query_chunk_size,
-        )
+        q_QxD = self._view(q_QxD, normalize) if self.dim is not None else q_QxD
+        if self.precision == "float32" and self.rescore is None:
+            scores_QxK, idx_QxK = exact_search(
+                q_QxD, self._doc_chunks(encode_fn, texts, order, normalize), rank_N, doc_of_rank,
+                search_k, self.query_chunk_size,
+            )
+            self.last_info.update(index_bytes_per_doc=qz.bytes_per_vector(q_QxD.shape[1], "float32"))
+        else:
+            scores_QxK, idx_QxK = self._quantized_search(encode_fn, texts, order, normalize, q_QxD, rank_N,
+                                                         doc_of_rank, search_k)
         doc_ids = self.data.doc_ids
         hits: list[list[str]] = []
         hit_scores: list[list[float]] = []
@@ -545,6 +595,77 @@ class RetrievalEvaluator(Evaluator):
             hit_scores.append(sc[:k])
         self.last_info["search_seconds"] = time.perf_counter() - t0
         return SearchResult(list(self.query_ids), hits, hit_scores, dict(self.last_info))
+
+    def _calibration(self, encode_fn: EncodeFn, texts: list[str], order: np.ndarray, normalize: bool
+                     ) -> np.ndarray:
+        """int8 ranges: the model's when given, else min / max over a random sample of documents (read from the
+        corpus cache when it is there, else encoded)."""
+        if self.ranges is not None:
+            self.last_info["calibration"] = "given"
+            return self.ranges
+        n = len(texts)
+        m = min(n, self.corpus_chunk_size)
+        pos = np.sort(np.random.default_rng(self.calibration_seed).choice(n, size=m, replace=False))
+        path = self.cache_path(encode_fn, texts)
+        found = None if path is None else next((p for p in (path, SHIPPED_CACHE_DIR / path.name) if p.is_file()),
+                                               None)
+        opened = _open_cached(found, n) if found is not None else None
+        if opened is not None:   # rows of the cache are in `order`: row r is document order[r]
+            f, d = opened
+            with f:
+                start = f.tell()
+                sample = np.empty((m, d), np.float32)
+                for i, r in enumerate(pos):
+                    f.seek(start + int(r) * d * 4)
+                    sample[i] = np.fromfile(f, dtype="<f4", count=d)
+        else:
+            sample = encode_in_pieces(encode_fn, [texts[i] for i in order[pos]], "document",
+                                      self.encode_piece_size, None)
+        self.last_info["calibration"] = f"sample of {m} documents"
+        return qz.calibration_ranges(self._view(np.asarray(sample, np.float32), normalize))
+
+    def _quantized_search(self, encode_fn: EncodeFn, texts: list[str], order: np.ndarray, normalize: bool,
+                          q_QxD: np.ndarray, rank_N: np.ndarray, doc_of_rank: np.ndarray, k: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over a quantised index built while the corpus streams in (see module docstring)."""
+        dim = q_QxD.shape[1]
+        needs_ranges = self.precision in qz.SCALAR or self.rescore == "int8"
+        ranges = self._calibration(encode_fn, texts, order, normalize) if needs_ranges else None
+        n = len(texts)
+        codes = rescore_store = None
+        for idx, emb in self._doc_chunks(encode_fn, texts, order, normalize):
+            c = np.asarray(self.quantizer(emb, self.precision, ranges))
+            if codes is None:
+                codes = np.empty((n,) + c.shape[1:], c.dtype)
+            codes[idx] = c
+            if self.rescore is not None:
+                r = np.asarray(self.quantizer(emb, self.rescore, ranges))
+                if rescore_store is None:
+                    rescore_store = np.empty((n,) + r.shape[1:], r.dtype)
+                rescore_store[idx] = r
+        self.last_info.update(index_bytes_per_doc=int(codes[0].nbytes), precision=self.precision,
+                              rescore=self.rescore, dim=dim)
+        if rescore_store is not None:
+            self.last_info["rescore_bytes_per_doc"] = int(rescore_store[0].nbytes)
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for s in range(0, n, self.corpus_chunk_size):
+                idx = np.arange(s, min(n, s + self.corpus_chunk_size))
+                yield idx, codes[idx]
+
+        first_k = min(n, k * self.rescore_multiplier) if self.rescore else k
+        scores, idx = exact_search(q_QxD, chunks(), rank_N, doc_of_rank, first_k, self.query_chunk_size,
+                                   score_fn=lambda q, c: qz.score(q, c, self.precision, ranges, dim))
+        if self.rescore is None:
+            return scores, idx
+        # re-rank the candidates with the float query against int8 / float32 documents, in trec_eval order
+        cand = rescore_store[idx]                                             # [Q, K', B]
+        vals = qz.dequantize(cand, self.rescore, ranges)
+        rescored = np.einsum("qd,qkd->qk", q_QxD.astype(np.float32), vals.astype(np.float32))
+        keys = (_ordered_bits(rescored).astype(np.uint64) << np.uint64(32)) | rank_N[idx].astype(np.uint64)
+        top = top_keys(keys, min(k, keys.shape[1]))
+        s2, ranks = keys_to_scores_ranks(top)
+        return s2, doc_of_rank[ranks]
 
     def run(self, encode_fn: EncodeFn) -> dict[str, float]:
         result = self.search(encode_fn)
