@@ -47,7 +47,8 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
                        description="Embed texts with a sentence-transformers / Hugging Face model folder or hub id.")
     p.add_argument("--model", required=True, help="model folder (sentence-transformers or Hugging Face) or hub id")
     p.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl (field --field)")
-    p.add_argument("--output", required=True, help="output .npy file, float32 [N, D]")
+    p.add_argument("--output", required=True, help="output .npy file: float32 [N, D] (int8 / uint8 [N, D]; "
+                   "binary / ubinary [N, ceil(D / 8)] packed bits with --precision)")
     p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's)")
@@ -55,6 +56,12 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=None, help="keep the first DIM dimensions (Matryoshka)")
     p.add_argument("--tower", choices=("query", "document"), default="query")
     p.add_argument("--no-normalize", action="store_true", help="return unnormalised embeddings")
+    p.add_argument("--precision", choices=("float32", "int8", "uint8", "binary", "ubinary"), default="float32",
+                   help="quantised output (embedjax.quantize; the codes of sentence-transformers' "
+                        "quantize_embeddings); int8 / uint8 use the model's calibration ranges or --calibrate")
+    p.add_argument("--calibrate", default=None, metavar="FILE",
+                   help="texts (.txt / .jsonl, as --input) whose embeddings give the int8 / uint8 ranges, e.g. "
+                        "a few thousand documents of the corpus")
     p.set_defaults(func=_run_encode)
 
 
@@ -70,10 +77,22 @@ def _run_encode(args: argparse.Namespace) -> int:
     t0 = time.time()
     enc = Encoder.load(args.model)
     logging.info("loaded %r in %.1fs", enc, time.time() - t0)
+    kw = dict(batch_size=args.batch_size, max_length=args.max_length, prompt=args.prompt,
+              normalize=False if args.no_normalize else None)
+    if args.calibrate:
+        if args.precision not in ("int8", "uint8"):
+            raise CLIError(f"--calibrate gives int8 / uint8 ranges; --precision is {args.precision}")
+        enc.calibrate(read_texts(args.calibrate, field=args.field), dims=[args.dim or enc.dim], tower=args.tower,
+                      **kw)
     t0 = time.time()
-    emb = enc.encode(texts, batch_size=args.batch_size, max_length=args.max_length, prompt=args.prompt,
-                     dim=args.dim, tower=args.tower, normalize=False if args.no_normalize else None,
-                     show_progress=len(texts) > 256)
+    try:
+        emb = enc.encode(texts, dim=args.dim, tower=args.tower, show_progress=len(texts) > 256,
+                         precision=args.precision, **kw)
+    except ValueError as e:
+        if "needs calibration ranges" in str(e):
+            raise CLIError(f"--precision {args.precision}: {args.model} has no calibration ranges for dim "
+                           f"{args.dim or enc.dim}; pass --calibrate FILE (sample texts)") from None
+        raise
     dt = time.time() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npy")

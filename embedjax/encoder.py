@@ -12,7 +12,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from embedjax.data.prompts import Prompt, prompt_from_st, st_prompts
-from embedjax.models.convert import ModelLoadError, load_folder, save_sentence_transformers
+from embedjax import quantize as qz
+from embedjax.models.convert import ModelLoadError, load_folder, resolve_model_dir, save_sentence_transformers
 from embedjax.models.dual_encoder import DualEncoder, ModelConfig, Tower
 from embedjax.tokenize import TextTokenizer, bucket_for, bucket_lengths, load_tokenizer
 
@@ -58,6 +59,8 @@ class Encoder:
                     roles.setdefault(role, self.prompts[default_prompt_name])
             prompt = prompt_from_st(roles)
         self.prompt = prompt
+        # int8 / uint8 calibration: output dim -> [2, dim] per-dimension (min, max); see `calibrate`
+        self.quantization_ranges: dict[int, np.ndarray] = {}
         self._hf_config = hf_config
         self._text = TextTokenizer(tokenizer, config.max_length)
         self._module = DualEncoder(config)
@@ -86,15 +89,20 @@ class Encoder:
         if default is not None and default not in (extras.get("prompts") or {}):
             raise ModelLoadError(f"{path_or_id}/config_sentence_transformers.json: default_prompt_name {default!r} "
                                  f"is not one of its prompts {sorted(extras.get('prompts') or {})}")
-        return cls(cfg, params, tok, name=str(path_or_id), prompts=extras.get("prompts"), hf_config=hf_config,
-                   default_prompt_name=default)
+        enc = cls(cfg, params, tok, name=str(path_or_id), prompts=extras.get("prompts"), hf_config=hf_config,
+                  default_prompt_name=default)
+        enc.quantization_ranges = read_quantization_ranges(resolve_model_dir(path_or_id), enc.dim)
+        return enc
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes a sentence-transformers folder (safetensors) that `SentenceTransformer(path)` loads. The
-        training prompt goes into its ``prompts`` as "query" / "document" where it has a prefix form."""
-        return save_sentence_transformers(path, self.config, self.params, self.tokenizer,
-                                          prompts=st_prompts(self.prompt, self.prompts), hf_config=self._hf_config,
-                                          default_prompt_name=self.default_prompt_name)
+        training prompt goes into its ``prompts`` as "query" / "document" where it has a prefix form. int8
+        calibration ranges (`calibrate`) go into ``quantization_ranges.json``, which `load` reads back."""
+        out = save_sentence_transformers(path, self.config, self.params, self.tokenizer,
+                                         prompts=st_prompts(self.prompt, self.prompts), hf_config=self._hf_config,
+                                         default_prompt_name=self.default_prompt_name)
+        self._save_ranges(out)
+        return out
 
     # --------------------------------------------------------------------------------------- properties
     @property
@@ -132,7 +140,7 @@ class Encoder:
     def encode(self, texts: str | Iterable[str], *, batch_size: int = 128, max_length: int | None = None,
                prompt: str | None = None, prompt_name: str | None = None, normalize: bool | None = None,
                dim: int | None = None, tower: Tower = "query", show_progress: bool | None = None,
-               warn_truncation: bool = True) -> np.ndarray:
+               warn_truncation: bool = True, precision: str = "float32") -> np.ndarray:
         """Embeds texts; returns float32 [N, D] (D = `dim` if given).
 
         Texts are sorted by token length and padded to bucket lengths, so at most one compilation per bucket
@@ -163,7 +171,8 @@ class Encoder:
             raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
         norm = self.config.head.normalize if normalize is None else bool(normalize)
         if not texts:
-            return np.zeros((0, out_dim), np.float32)
+            empty = np.zeros((0, out_dim), np.float32)
+            return empty if precision == "float32" else self._quantize(empty, precision)
         if prompt:
             texts = [prompt + t for t in texts]
 
@@ -205,12 +214,38 @@ class Encoder:
                 out[i0] = np.asarray(e0)[: len(i0)]
         for i0, e0 in pending:
             out[i0] = np.asarray(e0)[: len(i0)]
-        if out_dim < self.dim:
-            out = out[:, :out_dim]
-            if norm:
-                out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
-            out = np.ascontiguousarray(out, dtype=np.float32)
-        return out
+        out = _truncate(out, out_dim, norm)
+        return self._quantize(out, precision) if precision != "float32" else out
+
+    def _quantize(self, emb: np.ndarray, precision: str) -> np.ndarray:
+        qz.check_precision(precision)
+        ranges = None
+        if precision in qz.SCALAR:
+            ranges = self.quantization_ranges.get(emb.shape[1])
+            if ranges is None:
+                raise ValueError(f"{precision} output at dim {emb.shape[1]} needs calibration ranges: call "
+                                 f"Encoder.calibrate(sample_texts, dims=[{emb.shape[1]}]) first (this model has "
+                                 f"them for dims {sorted(self.quantization_ranges) or 'none'})")
+        return qz.quantize(emb, precision, ranges)
+
+    def calibrate(self, texts: Sequence[str], *, dims: Sequence[int] | None = None, tower: Tower = "document",
+                  **kw: Any) -> dict[int, np.ndarray]:
+        """int8 / uint8 calibration ranges (each dimension's min and max) from a sample of texts (a few thousand
+        documents of the corpus the index will hold), for each output dim in `dims` (default: the full one).
+        Kept with the model (`encode(precision="int8")`, `save`, the SavedModel) and returned."""
+        emb = self.encode(list(texts), tower=tower, **kw)
+        norm = self.config.head.normalize if kw.get("normalize") is None else bool(kw["normalize"])
+        for d in (dims or [self.dim]):
+            if not 1 <= int(d) <= self.dim:
+                raise ValueError(f"dim must be in [1, {self.dim}], got {d}")
+            self.quantization_ranges[int(d)] = qz.calibration_ranges(_truncate(emb, int(d), norm))
+        return dict(self.quantization_ranges)
+
+    def _save_ranges(self, folder: Path) -> None:
+        if self.quantization_ranges:
+            (folder / QUANTIZATION_FILE).write_text(json.dumps(
+                {"format": "per-dimension [min, max] for int8 / uint8 (embedjax.quantize)",
+                 "ranges": {str(d): r.tolist() for d, r in sorted(self.quantization_ranges.items())}}) + "\n")
 
     def format_texts(self, texts: Sequence[str], role: str, titles: Sequence[str] | None = None) -> list[str]:
         """The strings `encode_queries` / `encode_documents` embed: the model's prompt applied (as in training,
@@ -283,3 +318,33 @@ def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
 def batched(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
+
+
+QUANTIZATION_FILE = "quantization_ranges.json"
+
+
+def read_quantization_ranges(folder: Path, full_dim: int) -> dict[int, np.ndarray]:
+    """The int8 calibration ranges a model folder keeps (`Encoder.save`); {} when it has none."""
+    path = Path(folder) / QUANTIZATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))["ranges"]
+        out = {int(d): np.asarray(r, np.float32) for d, r in raw.items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path}: not a quantization ranges file ({e})") from None
+    for d, r in out.items():
+        if r.shape != (2, d) or not 1 <= d <= full_dim:
+            raise ModelLoadError(f"{path}: ranges for dim {d} have shape {r.shape}, expected (2, {d}) with "
+                                 f"dim <= {full_dim}")
+    return out
+
+
+def _truncate(emb: np.ndarray, dim: int, normalize: bool) -> np.ndarray:
+    """The first `dim` components (Matryoshka), re-normalised when the model's output is normalised."""
+    if dim >= emb.shape[1]:
+        return emb
+    out = emb[:, :dim]
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float32)

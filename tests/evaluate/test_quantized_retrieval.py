@@ -126,3 +126,48 @@ def test_int8_calibration_sample_is_the_same_from_cache_or_encoded(tmp_path):
     given = RetrievalEvaluator(data, precision="int8", ranges=np.array([[-1.0] * 64, [1.0] * 64]), **warm)
     given.run(encode)
     assert given.last_info["calibration"] == "given"
+
+
+def test_encoder_quantized_outputs_calibration_saved_and_cli(tmp_path, tiny_bert_dir):
+    """`Encoder.encode(precision=...)` returns the codes of its float output; int8 needs calibration ranges
+    (`calibrate`, per Matryoshka dim), which `save` keeps and `load` reads back; `embedjax encode --precision`
+    writes the same codes, calibrating from a file or refusing without ranges in one line."""
+    import subprocess
+    import sys
+
+    from embedjax import Encoder
+
+    enc = Encoder.load(tiny_bert_dir)
+    texts = [f"document number {i} about {w}" for i, w in enumerate(["cells", "genes", "proteins", "mice"] * 25)]
+    full = enc.encode(texts)
+    for p in ("binary", "ubinary"):
+        np.testing.assert_array_equal(enc.encode(texts, precision=p), qz.quantize(full, p))
+    with pytest.raises(ValueError, match="needs calibration ranges: call Encoder.calibrate"):
+        enc.encode(texts, precision="int8")
+    ranges = enc.calibrate(texts, dims=[enc.dim, 16])
+    assert set(ranges) == {enc.dim, 16} and ranges[16].shape == (2, 16)
+    np.testing.assert_array_equal(enc.encode(texts, precision="int8"), qz.quantize(full, "int8", ranges[enc.dim]))
+    small = enc.encode(texts, dim=16)
+    np.testing.assert_array_equal(enc.encode(texts, dim=16, precision="int8"), qz.quantize(small, "int8", ranges[16]))
+    assert enc.encode([], precision="ubinary").shape == (0, (enc.dim + 7) // 8)
+
+    folder = enc.save(tmp_path / "model")
+    back = Encoder.load(folder)
+    assert sorted(back.quantization_ranges) == sorted(ranges)
+    np.testing.assert_array_equal(back.encode(texts, dim=16, precision="int8"),
+                                  enc.encode(texts, dim=16, precision="int8"))
+
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(texts) + "\n")
+    cli = [sys.executable, "-m", "embedjax.cli", "encode", "--input", str(src)]
+    r = subprocess.run(cli + ["--model", str(tiny_bert_dir), "--output", str(tmp_path / "a.npy"), "--precision",
+                              "int8"], capture_output=True, text=True)
+    assert r.returncode != 0 and "has no calibration ranges for dim" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cli + ["--model", str(tiny_bert_dir), "--output", str(tmp_path / "b.npy"), "--precision",
+                              "int8", "--calibrate", str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), enc.encode(texts, precision="int8"))
+    r = subprocess.run(cli + ["--model", str(folder), "--output", str(tmp_path / "c.npy"), "--precision", "ubinary"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), qz.quantize(full, "ubinary"))
