@@ -47,6 +47,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ignore-identical-ids", action="store_true",
                    help="BEIR: drop retrieved documents whose id equals the query id")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--precision", choices=("float32", "int8", "uint8", "binary", "ubinary"), default="float32",
+                   help="beir: search a quantised corpus index (int8 ranges: the model's calibration, else a "
+                        "random sample of documents)")
+    p.add_argument("--rescore", choices=("int8", "float32"), default=None,
+                   help="beir, binary precisions: re-rank the top candidates with the float query against int8 / "
+                        "float32 documents")
+    p.add_argument("--rescore-multiplier", type=int, default=4, help="candidates re-ranked per result (default 4)")
+    p.add_argument("--dim", type=int, default=None, help="beir: keep the first DIM dimensions (Matryoshka)")
     p.set_defaults(func=run)
     return p
 
@@ -75,6 +83,10 @@ def build_evaluator(args: argparse.Namespace) -> Evaluator:
         cache_dir=args.cache_dir,
         use_cache=not args.no_cache,
         show_progress=show,
+        precision=args.precision,
+        rescore=args.rescore,
+        rescore_multiplier=args.rescore_multiplier,
+        dim=args.dim,
     )
 
 
@@ -100,12 +112,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     if args.task == "stsb" and (args.query_prompt or args.document_prompt):
         print("embedjax eval: --query-prompt/--document-prompt apply to --task beir only", file=sys.stderr)
         raise SystemExit(2)
+    if args.task == "stsb" and (getattr(args, "precision", "float32") != "float32" or getattr(args, "rescore", None)
+                                or getattr(args, "dim", None)):
+        print("embedjax eval: --precision/--rescore/--dim apply to --task beir only", file=sys.stderr)
+        raise SystemExit(2)
     try:
         evaluator = build_evaluator(args)
     except (OSError, ValueError) as e:  # missing files, malformed lines: the message names file and line
         print(f"embedjax eval: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     encoder = load_encoder(args.model)
+    ranges = getattr(encoder, "quantization_ranges", {}) or {}
+    if getattr(evaluator, "precision", "float32") != "float32" or getattr(evaluator, "rescore", None):
+        evaluator.ranges = ranges.get(args.dim or getattr(encoder, "dim", 0))   # the model's calibration, if any
     # Text prompts are applied by the retrieval evaluator (so they enter the cache key), not the encoder.
     encode_fn = encode_fn_from_encoder(encoder, batch_size=args.batch_size, max_length=args.max_length)
     t0 = time.perf_counter()
@@ -116,6 +135,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     if "cache_hit" in info:
         print(f"corpus embeddings: {'read from cache' if info['cache_hit'] else 'encoded'} "
               f"({info.get('cache_path') or 'cache off'})")
+    if "index_bytes_per_doc" in info:
+        extra = (f" + {info['rescore_bytes_per_doc']} for rescoring ({info['rescore']})"
+                 if info.get("rescore_bytes_per_doc") else "")
+        print(f"index: {info.get('precision', 'float32')}, {info['index_bytes_per_doc']} bytes per document{extra}"
+              + (f"; int8 ranges: {info['calibration']}" if info.get("calibration") else ""))
     print(f"{seconds:.1f} s")
     if args.output:
         out = {
@@ -127,6 +151,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
             "query_prompt": args.query_prompt,
             "document_prompt": args.document_prompt,
             "max_length": args.max_length,
+            "precision": getattr(args, "precision", "float32"),
+            "rescore": getattr(args, "rescore", None),
+            "dim": getattr(args, "dim", None),
+            "index_bytes_per_doc": info.get("index_bytes_per_doc"),
             "main_metric": evaluator.main_metric,
             "metrics": metrics,
             "seconds": seconds,

@@ -83,3 +83,22 @@ def test_through_top_level_cli(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         top.main(["eval", "--model", "m", "--task", "beir", "--data", str(tmp_path), "--no-progress"])
     assert e.value.code == 2 and "qrels file not found" in capsys.readouterr().err
+
+
+def test_eval_beir_quantized_index(parser, tmp_path, capsys):
+    """--precision / --rescore / --dim reach the evaluator; the index size is printed and written."""
+    out = tmp_path / "q.json"
+    args = parser.parse_args(["eval", "--model", "m", "--task", "beir", "--data", str(DATA / "toy_beir"),
+                              "--no-progress", "--precision", "binary", "--rescore", "int8", "--dim", "32",
+                              "--output", str(out), "--cache-dir", str(tmp_path / "cache")])
+    metrics = cli.evaluate(args)
+    text = capsys.readouterr().out
+    assert "index: binary, 4 bytes per document + 32 for rescoring (int8); int8 ranges: sample of" in text
+    saved = json.loads(out.read_text())
+    assert saved["precision"] == "binary" and saved["index_bytes_per_doc"] == 4 and saved["dim"] == 32
+    assert 0.0 <= metrics["ndcg@10"] <= 1.0
+    bad = parser.parse_args(["eval", "--model", "m", "--task", "stsb", "--data", str(DATA / "sts_toy.tsv"),
+                             "--precision", "int8"])
+    with pytest.raises(SystemExit):
+        cli.evaluate(bad)
+    assert "--precision/--rescore/--dim apply to --task beir only" in capsys.readouterr().err
