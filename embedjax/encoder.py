@@ -61,6 +61,8 @@ class Encoder:
         self.prompt = prompt
         # int8 / uint8 calibration: output dim -> [2, dim] per-dimension (min, max); see `calibrate`
         self.quantization_ranges: dict[int, np.ndarray] = {}
+        # whitening (`fit_whitening`): (mean [D], matrix [D, k]) applied to every output, or None
+        self.whitening: tuple[np.ndarray, np.ndarray] | None = None
         self._hf_config = hf_config
         self._text = TextTokenizer(tokenizer, config.max_length)
         self._module = DualEncoder(config)
@@ -91,7 +93,9 @@ class Encoder:
                                  f"is not one of its prompts {sorted(extras.get('prompts') or {})}")
         enc = cls(cfg, params, tok, name=str(path_or_id), prompts=extras.get("prompts"), hf_config=hf_config,
                   default_prompt_name=default)
-        enc.quantization_ranges = read_quantization_ranges(resolve_model_dir(path_or_id), enc.dim)
+        folder = resolve_model_dir(path_or_id)
+        enc.whitening = read_whitening(folder, enc.dim)
+        enc.quantization_ranges = read_quantization_ranges(folder, enc.output_dim)
         return enc
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -131,6 +135,10 @@ class Encoder:
         for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
             h.update(jax.tree_util.keystr(path).encode())
             h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        if self.whitening is not None:   # whitened outputs are other embeddings (cache keys differ)
+            h.update(b"whitening")
+            for a in self.whitening:
+                h.update(np.ascontiguousarray(a, np.float32).tobytes())
         return h.hexdigest()[:16]
 
     # --------------------------------------------------------------------------------------- encoding
@@ -166,9 +174,10 @@ class Encoder:
         max_len = int(max_length or self.config.max_length)
         if max_len > self.config.max_length and self.config.architecture == "bert":
             raise ValueError(f"max_length {max_len} exceeds the model's {self.config.max_length}")
-        out_dim = self.dim if dim is None else int(dim)
-        if not 1 <= out_dim <= self.dim:
-            raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
+        full_dim = self.output_dim
+        out_dim = full_dim if dim is None else int(dim)
+        if not 1 <= out_dim <= full_dim:
+            raise ValueError(f"dim must be in [1, {full_dim}], got {dim}")
         norm = self.config.head.normalize if normalize is None else bool(normalize)
         if not texts:
             empty = np.zeros((0, out_dim), np.float32)
@@ -214,8 +223,29 @@ class Encoder:
                 out[i0] = np.asarray(e0)[: len(i0)]
         for i0, e0 in pending:
             out[i0] = np.asarray(e0)[: len(i0)]
+        if self.whitening is not None:
+            out = qz.apply_whitening(out, *self.whitening, normalize=norm)
         out = _truncate(out, out_dim, norm)
         return self._quantize(out, precision) if precision != "float32" else out
+
+    @property
+    def output_dim(self) -> int:
+        """The dimension `encode` returns by default: the model's, or the whitening's when it cuts dimensions."""
+        return self.dim if self.whitening is None else int(self.whitening[1].shape[1])
+
+    def fit_whitening(self, texts: Sequence[str], *, dim: int | None = None, tower: Tower = "query",
+                      **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Fits whitening (`embedjax.quantize.fit_whitening`: mean and whitening matrix, `dim` keeping the
+        leading principal directions) on the embeddings of a sample of texts; from then on every output of
+        `encode` (so evaluation and cache keys too) is whitened, re-normalised when the model normalises. Saved
+        with the model (`whitening.npz`). Fit on training text only, never on what is evaluated."""
+        self.whitening = None
+        self.__dict__.pop("fingerprint", None)
+        mu, w = qz.fit_whitening(self.encode(list(texts), tower=tower, **kw), dim=dim)
+        self.whitening = (mu, w)
+        self.__dict__.pop("fingerprint", None)
+        self.quantization_ranges = {}   # ranges of the un-whitened outputs no longer apply
+        return mu, w
 
     def _quantize(self, emb: np.ndarray, precision: str) -> np.ndarray:
         qz.check_precision(precision)
@@ -235,13 +265,15 @@ class Encoder:
         Kept with the model (`encode(precision="int8")`, `save`, the SavedModel) and returned."""
         emb = self.encode(list(texts), tower=tower, **kw)
         norm = self.config.head.normalize if kw.get("normalize") is None else bool(kw["normalize"])
-        for d in (dims or [self.dim]):
-            if not 1 <= int(d) <= self.dim:
-                raise ValueError(f"dim must be in [1, {self.dim}], got {d}")
+        for d in (dims or [self.output_dim]):
+            if not 1 <= int(d) <= self.output_dim:
+                raise ValueError(f"dim must be in [1, {self.output_dim}], got {d}")
             self.quantization_ranges[int(d)] = qz.calibration_ranges(_truncate(emb, int(d), norm))
         return dict(self.quantization_ranges)
 
     def _save_ranges(self, folder: Path) -> None:
+        if self.whitening is not None:
+            np.savez(folder / WHITENING_FILE, mean=self.whitening[0], matrix=self.whitening[1])
         if self.quantization_ranges:
             (folder / QUANTIZATION_FILE).write_text(json.dumps(
                 {"format": "per-dimension [min, max] for int8 / uint8 (embedjax.quantize)",
@@ -321,6 +353,22 @@ def batched(seq: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
 
 
 QUANTIZATION_FILE = "quantization_ranges.json"
+WHITENING_FILE = "whitening.npz"
+
+
+def read_whitening(folder: Path, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The whitening a model folder keeps (`Encoder.save`); None when it has none."""
+    path = Path(folder) / WHITENING_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            mu, w = np.asarray(z["mean"], np.float32), np.asarray(z["matrix"], np.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path}: not a whitening file ({e})") from None
+    if mu.shape != (dim,) or w.ndim != 2 or w.shape[0] != dim or not 1 <= w.shape[1] <= dim:
+        raise ModelLoadError(f"{path}: mean {mu.shape} / matrix {w.shape} do not fit the model's dimension {dim}")
+    return mu, w
 
 
 def read_quantization_ranges(folder: Path, full_dim: int) -> dict[int, np.ndarray]:

@@ -116,5 +116,35 @@ def score(q_QxD: np.ndarray, codes_CxB: np.ndarray, precision: str, ranges: np.n
     return -hamming
 
 
-__all__ = ["PRECISIONS", "Precision", "bytes_per_vector", "calibration_ranges", "check_precision", "dequantize",
-           "quantize", "score"]
+
+
+# ----------------------------------------------------------------------------------------------- whitening
+
+def fit_whitening(emb_NxD: np.ndarray, dim: int | None = None, eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """Whitening of sentence embeddings (Su et al. 2021, "Whitening Sentence Representations"): the mean `mu`
+    [D] and a matrix `W` [D, k] with ``(x - mu) @ W`` of identity covariance over the sample, its columns the
+    principal directions in order of variance, so that keeping `dim` = k < D columns is a PCA cut. Fitted in
+    float64 from at least 2 rows."""
+    x = np.asarray(emb_NxD, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"whitening needs a [N >= 2, D] sample of embeddings, got shape {x.shape}")
+    k = x.shape[1] if dim is None else int(dim)
+    if not 1 <= k <= x.shape[1]:
+        raise ValueError(f"whitening dim must be in [1, {x.shape[1]}], got {dim}")
+    mu = x.mean(axis=0)
+    cov = np.cov(x - mu, rowvar=False)
+    u, s, _ = np.linalg.svd(cov)
+    w = u[:, :k] / np.sqrt(s[:k] + eps)[None, :]
+    return mu.astype(np.float32), w.astype(np.float32)
+
+
+def apply_whitening(emb_NxD: np.ndarray, mu: np.ndarray, w: np.ndarray, normalize: bool) -> np.ndarray:
+    """``(x - mu) @ W``, L2-normalised when the model's output is."""
+    out = (np.asarray(emb_NxD, np.float32) - mu) @ w
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+__all__ = ["PRECISIONS", "Precision", "apply_whitening", "bytes_per_vector", "calibration_ranges", "check_precision",
+           "dequantize", "fit_whitening", "quantize", "score"]

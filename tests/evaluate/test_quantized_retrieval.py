@@ -171,3 +171,35 @@ def test_encoder_quantized_outputs_calibration_saved_and_cli(tmp_path, tiny_bert
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), qz.quantize(full, "ubinary"))
+
+
+def test_whitening_fit_apply_save_and_cache_key(tmp_path, tiny_bert_dir):
+    """fit_whitening: on the fitting sample, whitened outputs (before re-normalisation) have zero mean and
+    identity covariance; `dim` keeps the leading principal directions; the model's outputs, fingerprint (so the
+    corpus cache) and calibration follow it; save / load keep it."""
+    from embedjax import Encoder
+    from embedjax.evaluate import encode_fn_from_encoder
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 12)) @ rng.normal(size=(12, 12)) + 3.0
+    mu, w = qz.fit_whitening(x)
+    white = (x - mu) @ w
+    np.testing.assert_allclose(white.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(12), atol=1e-3)
+    _, w4 = qz.fit_whitening(x, dim=4)
+    np.testing.assert_allclose(w4, w[:, :4], rtol=1e-5, atol=1e-6)
+
+    enc = Encoder.load(tiny_bert_dir)
+    texts = [f"sentence {i} on {w}" for i, w in enumerate(["cells", "rain", "music", "trade", "stars"] * 30)]
+    before_key = encode_fn_from_encoder(enc).cache_key
+    plain = enc.encode(texts)
+    enc.calibrate(texts)
+    mu, w = enc.fit_whitening(texts, dim=16)
+    assert enc.output_dim == 16 and enc.quantization_ranges == {}
+    out = enc.encode(texts)
+    assert out.shape == (len(texts), 16)
+    np.testing.assert_allclose(out, qz.apply_whitening(plain, mu, w, normalize=True), atol=1e-5)
+    assert encode_fn_from_encoder(enc).cache_key != before_key
+    back = Encoder.load(enc.save(tmp_path / "white"))
+    np.testing.assert_array_equal(back.encode(texts), out)
+    assert encode_fn_from_encoder(back).cache_key == encode_fn_from_encoder(enc).cache_key
