@@ -30,10 +30,11 @@ ConfigError = errors.ConfigError   # defined in embedjax/errors.py (one module o
 LOSS_NAMES: tuple[str, ...] = ("in_batch_softmax", "in_batch_softmax_sharded", "in_batch_softmax_ring",
                                "sigmoid", "sigmoid_sharded", "cosent", "angle", "distill_kl", "margin_mse")
 # loss.name -> the loss.* keys it reads (tests/test_objectives.py checks this against what each objective reads).
-_SOFTMAX_KEYS = ("temperature", "learn_temperature", "bidirectional", "same_tower", "margin", "matryoshka_dims",
-                 "matryoshka_weights")
-_SIGMOID_KEYS = ("sigmoid_t", "sigmoid_b", "matryoshka_dims", "matryoshka_weights")
-_SCALED_KEYS = ("scale", "matryoshka_dims", "matryoshka_weights")
+_WRAP_KEYS = ("matryoshka_dims", "matryoshka_weights", "quantization_aware", "quantization_weight",
+              "spread_out_weight")
+_SOFTMAX_KEYS = ("temperature", "learn_temperature", "bidirectional", "same_tower", "margin") + _WRAP_KEYS
+_SIGMOID_KEYS = ("sigmoid_t", "sigmoid_b") + _WRAP_KEYS
+_SCALED_KEYS = ("scale",) + _WRAP_KEYS
 LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "in_batch_softmax": _SOFTMAX_KEYS, "in_batch_softmax_sharded": _SOFTMAX_KEYS,
     "in_batch_softmax_ring": _SOFTMAX_KEYS, "sigmoid": _SIGMOID_KEYS, "sigmoid_sharded": _SIGMOID_KEYS,
@@ -49,6 +50,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.host_order": ("per_host", "global"),
     "best_mode": ("max", "min"),
     "dtype": ("float32", "bfloat16"),
+    "loss.quantization_aware": ("", "binary", "int8"),
     "param_dtype": ("float32", "bfloat16"),
     "remat_policy": ("none", "full", "dots"),      # embedjax.models.layers.REMAT_POLICIES
 }
@@ -106,6 +108,10 @@ def base_config() -> ConfigDict:
     c.loss.teacher_temperature = 1.0       # distill_kl: softmax temperature of the teacher's scores
     c.loss.matryoshka_dims = ()
     c.loss.matryoshka_weights = ()
+    c.loss.quantization_aware = ""         # "" | binary | int8: also train on the embeddings as stored in that
+                                           # precision (straight-through), weighted by loss.quantization_weight
+    c.loss.quantization_weight = 1.0
+    c.loss.spread_out_weight = 0.0         # global orthogonal regulariser (dense forms), e.g. 1.0 with binary
     # optimizer
     c.optim = ConfigDict()
     c.optim.name = "adamw"
@@ -259,6 +265,9 @@ def validate(cfg: ConfigDict) -> None:
                           "'beir/scifact/test/ndcg@10')")
     if not 0.0 <= float(cfg.dropout_rate) < 1.0:
         raise ConfigError(f"config: dropout_rate must be in [0, 1), got {cfg.dropout_rate}")
+    if float(cfg.loss.get("quantization_weight", 1.0)) != 1.0 and not cfg.loss.get("quantization_aware"):
+        raise ConfigError("config: loss.quantization_weight is set but loss.quantization_aware is not "
+                          "(binary | int8)")
     dims = tuple(cfg.loss.matryoshka_dims)
     if dims and list(dims) != sorted(dims, reverse=True):
         raise ConfigError(f"config: loss.matryoshka_dims must be decreasing, got {dims}")

@@ -775,6 +775,77 @@ def matryoshka(loss_fn: LossFn, dims: Sequence[int], weights: Sequence[float] | 
     return wrapped
 
 
+# ----------------------------------------------------------------------- quantisation-aware training, spread-out
+
+QAT_PRECISIONS = ("binary", "int8")
+
+
+def quantize_ste(x: jax.Array, precision: str) -> jax.Array:
+    """The embeddings as their `precision` codes will score (embedjax.quantize), with a straight-through
+    gradient (the identity: normalised embeddings lie within [-1, 1], where sign and rounding are clipped no
+    further). binary: ``sign(x) / sqrt(D)``, a unit vector whose dot products are ``1 - 2 hamming / D``;
+    int8: each dimension on 256 levels between its minimum and maximum over the batch (as a calibration sample
+    would give them)."""
+    x = _float(x)
+    if precision == "binary":
+        q = jnp.where(x > 0, 1.0, -1.0) / jnp.sqrt(jnp.float32(x.shape[-1]))
+    elif precision == "int8":
+        flat = jax.lax.stop_gradient(x.reshape(-1, x.shape[-1]))
+        lo, hi = flat.min(axis=0), flat.max(axis=0)
+        step = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
+        q = jnp.clip(jnp.floor((x - lo) / step), 0, 255) * step + lo
+    else:
+        raise _err("quantize_ste", f"precision must be one of {QAT_PRECISIONS}, got {precision!r}")
+    return x + jax.lax.stop_gradient(q - x)
+
+
+def quantization_aware(loss_fn: LossFn, precision: str, weight: float = 1.0, *,
+                       embedding_argnums: Sequence[int] = (0, 1),
+                       embedding_kwargs: Sequence[str] = ("hard_negatives_BxKxD",)) -> LossFn:
+    """Quantisation-aware training: ``loss_fn(x) + weight * loss_fn(quantize_ste(x))`` so that the embeddings
+    also rank well once stored as `precision` codes (binary: searched by Hamming distance). Metrics are
+    ``loss_fn``'s on the float embeddings plus ``loss_float`` and ``loss_{precision}``."""
+    if precision not in QAT_PRECISIONS:
+        raise _err("quantization_aware", f"precision must be one of {QAT_PRECISIONS}, got {precision!r}")
+
+    def wrapped(*args: Any, **kwargs: Any) -> tuple[jax.Array, Metrics]:
+        loss, metrics = loss_fn(*args, **kwargs)
+        qa = [quantize_ste(x, precision) if i in embedding_argnums else x for i, x in enumerate(args)]
+        qk = {k: (quantize_ste(v, precision) if k in embedding_kwargs and v is not None else v)
+              for k, v in kwargs.items()}
+        q_loss, _ = loss_fn(*qa, **qk)
+        return loss + weight * q_loss, {**metrics, "loss_float": loss, f"loss_{precision}": q_loss}
+
+    wrapped.__name__ = f"qat_{precision}_{getattr(loss_fn, '__name__', 'loss')}"
+    return wrapped
+
+
+def spread_out(q_BxD: jax.Array, d_BxD: jax.Array) -> jax.Array:
+    """The global orthogonal regulariser of Zhang et al. 2017 ("Learning Spread-out Local Feature
+    Descriptors"): over the non-matching pairs (i != j), ``mean(s)^2 + max(0, mean(s^2) - 1/D)`` with s the
+    cosine of query i and document j; pushes unrelated embeddings towards uniformly spread directions, which
+    keeps information through binarisation."""
+    q, d = l2_normalize(_float(q_BxD)), l2_normalize(_float(d_BxD))
+    B, D = q.shape
+    s = q @ d.T
+    off = 1.0 - jnp.eye(B, dtype=s.dtype)
+    n = jnp.maximum(off.sum(), 1.0)
+    m1 = jnp.sum(s * off) / n
+    m2 = jnp.sum(jnp.square(s) * off) / n
+    return jnp.square(m1) + jax.nn.relu(m2 - 1.0 / D)
+
+
+def with_spread_out(loss_fn: LossFn, weight: float) -> LossFn:
+    """``loss_fn + weight * spread_out(queries, documents)`` (the first two arguments); metric ``spread_out``."""
+    def wrapped(*args: Any, **kwargs: Any) -> tuple[jax.Array, Metrics]:
+        loss, metrics = loss_fn(*args, **kwargs)
+        reg = spread_out(args[0], args[1])
+        return loss + weight * reg, {**metrics, "spread_out": reg}
+
+    wrapped.__name__ = f"spread_out_{getattr(loss_fn, '__name__', 'loss')}"
+    return wrapped
+
+
 # --------------------------------------------------------------------------------------------- registry
 
 # name -> (function, positional embedding arguments for Matryoshka; None: Matryoshka does not apply)
@@ -806,13 +877,31 @@ def get_loss(name: str, **options: Any) -> LossFn:
     fn, argnums = _LOSSES[key]
     mat = {k: options.pop(k) for k in ("matryoshka_dims", "matryoshka_weights", "matryoshka_normalize")
            if k in options}
+    qat = {k: options.pop(k) for k in ("quantization_aware", "quantization_weight", "spread_out_weight")
+           if k in options}
     params = inspect.signature(fn).parameters
     allowed = sorted(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        valid = allowed + ["matryoshka_dims", "matryoshka_weights", "matryoshka_normalize"]
+        valid = allowed + ["matryoshka_dims", "matryoshka_weights", "matryoshka_normalize", "quantization_aware",
+                           "quantization_weight", "spread_out_weight"]
         raise ValueError(f"embedjax.losses.get_loss({name!r}): unknown option(s) {unknown}; valid: {valid}")
     loss = functools.partial(fn, **options) if options else fn
+    if qat.get("quantization_aware") or qat.get("spread_out_weight"):
+        if argnums is None:
+            raise ValueError(f"embedjax.losses.get_loss({name!r}): quantisation-aware training and the spread-out "
+                             f"regulariser need embeddings, but {key} takes scores")
+        if qat.get("spread_out_weight"):
+            if key.endswith(("_sharded", "_ring")):
+                raise ValueError(f"embedjax.losses.get_loss({name!r}): spread_out_weight forms the dense [B, B] "
+                                 "similarity matrix, which the shard_map forms never hold; use the dense form")
+            loss = with_spread_out(loss, float(qat["spread_out_weight"]))
+        if qat.get("quantization_aware"):   # inside Matryoshka: each prefix is quantised as it will be stored
+            loss = quantization_aware(loss, qat["quantization_aware"], float(qat.get("quantization_weight", 1.0)),
+                                      embedding_argnums=argnums)
+    elif "quantization_weight" in qat:
+        raise ValueError(f"embedjax.losses.get_loss({name!r}): quantization_weight given without "
+                         "quantization_aware")
     if mat.get("matryoshka_dims"):
         if argnums is None:
             raise ValueError(f"embedjax.losses.get_loss({name!r}): Matryoshka needs embeddings, "

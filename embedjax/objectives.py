@@ -41,9 +41,16 @@ Objective = Callable[[dict, dict, dict], tuple[Any, dict]]
 
 
 def _matryoshka(loss_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Options wrapping the loss: Matryoshka prefixes, quantisation-aware training, the spread-out regulariser."""
+    mat: dict[str, Any] = {}
+    q_weight = float(loss_cfg.get("quantization_weight", 1.0))
+    if loss_cfg.get("quantization_aware"):
+        mat.update(quantization_aware=str(loss_cfg["quantization_aware"]), quantization_weight=q_weight)
+    if float(loss_cfg.get("spread_out_weight", 0.0) or 0.0):
+        mat["spread_out_weight"] = float(loss_cfg["spread_out_weight"])
     if not loss_cfg.get("matryoshka_dims"):
-        return {}
-    mat = {"matryoshka_dims": tuple(loss_cfg["matryoshka_dims"])}
+        return mat
+    mat["matryoshka_dims"] = tuple(loss_cfg["matryoshka_dims"])
     if loss_cfg.get("matryoshka_weights"):
         mat["matryoshka_weights"] = tuple(loss_cfg["matryoshka_weights"])
     return mat

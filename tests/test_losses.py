@@ -543,3 +543,49 @@ def test_ring_forms_never_materialise_global_arrays(form):
     dense = jax.jit(jax.value_and_grad(dense_fn, argnums=(0, 1)))
     dense_hlo = dense.lower(q, d).compile().as_text()
     assert "all-gather" in dense_hlo and big_B in array_dims(dense_hlo)
+
+
+def test_quantization_aware_and_spread_out():
+    """Quantisation-aware training adds the loss on straight-through binary / int8 embeddings (binary dot
+    products are 1 - 2 hamming / D; gradients pass straight through), inside Matryoshka each prefix is
+    quantised; the spread-out regulariser is zero for orthogonal documents and positive for collapsed ones."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from embedjax import losses
+
+    rng = np.random.default_rng(0)
+    q = losses.l2_normalize(jnp.asarray(rng.normal(size=(8, 16)), jnp.float32))
+    d = losses.l2_normalize(q + 0.3 * jnp.asarray(rng.normal(size=(8, 16)), jnp.float32))
+    b = losses.quantize_ste(q, "binary")
+    hamming = (np.asarray(q)[:, None] > 0) != (np.asarray(q)[None] > 0)
+    np.testing.assert_allclose(np.asarray(b @ b.T), 1 - 2 * hamming.sum(-1) / 16, atol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(losses.quantize_ste(x, "binary") * jnp.arange(16.0)))(q)
+    np.testing.assert_allclose(np.asarray(g), np.broadcast_to(np.arange(16.0), (8, 16)))   # straight through
+    i8 = losses.quantize_ste(q, "int8")
+    assert float(jnp.abs(i8 - q).max()) <= float((q.max(0) - q.min(0)).max()) / 255 + 1e-6
+
+    plain = losses.get_loss("in_batch_softmax", temperature=0.05)
+    qat = losses.get_loss("in_batch_softmax", temperature=0.05, quantization_aware="binary", quantization_weight=0.5)
+    l0, _ = plain(q, d)
+    l1, m = qat(q, d)
+    lb, _ = plain(losses.quantize_ste(q, "binary"), losses.quantize_ste(d, "binary"))
+    np.testing.assert_allclose(float(l1), float(l0) + 0.5 * float(lb), rtol=1e-6)
+    assert "loss_binary" in m and "loss_float" in m
+    mat = losses.get_loss("in_batch_softmax", temperature=0.05, quantization_aware="binary",
+                          matryoshka_dims=(16, 8))
+    l2, m2 = mat(q, d)
+    cut = lambda x: losses.l2_normalize(x[:, :8])  # noqa: E731
+    want = float(qat(q, d)[0]) - 0.5 * float(lb) + float(lb) + float(
+        plain(cut(q), cut(d))[0] + plain(losses.quantize_ste(cut(q), "binary"), losses.quantize_ste(cut(d), "binary"))[0])
+    np.testing.assert_allclose(float(l2), want, rtol=1e-5)
+
+    eye = jnp.eye(8, 16)
+    assert float(losses.spread_out(eye, eye)) == 0.0
+    same = jnp.ones((8, 16)) / 4.0
+    assert float(losses.spread_out(same, same)) > 0.9
+    reg = losses.get_loss("in_batch_softmax", temperature=0.05, spread_out_weight=2.0)
+    np.testing.assert_allclose(float(reg(q, d)[0]), float(l0) + 2.0 * float(losses.spread_out(q, d)), rtol=1e-6)
+    with pytest.raises(ValueError, match="shard_map forms never hold"):
+        losses.get_loss("in_batch_softmax_ring", temperature=0.05, spread_out_weight=1.0)

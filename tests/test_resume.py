@@ -15,10 +15,12 @@ def _params(res):
 
 
 @pytest.mark.slow
-def test_stop_and_resume_is_bitwise_equal(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["scan_layers=True", "param_dtype=bfloat16", "dtype=bfloat16"]],
+                         ids=["float32", "scanned-bfloat16"])
+def test_stop_and_resume_is_bitwise_equal(tmp_path, extra):
     from embedjax.trainer import train_and_evaluate
 
-    overrides = ["num_steps=10", "checkpoint_every_steps=4", "log_every_steps=1"]
+    overrides = ["num_steps=10", "checkpoint_every_steps=4", "log_every_steps=1", *extra]
     straight = train_and_evaluate(load_config("configs/tiny.py", overrides), tmp_path / "straight")
 
     calls = {"n": 0}
@@ -36,6 +38,10 @@ def test_stop_and_resume_is_bitwise_equal(tmp_path):
     p2, o2 = _params(second)
     assert all(np.array_equal(a, b) for a, b in zip(p1, p2))
     assert all(np.array_equal(a, b) for a, b in zip(o1, o2))
+    if extra:   # the checkpoint kept the scanned layout and bfloat16 parameters
+        model = second["state"].params["model"]
+        assert "layers" in next(iter(model.values()))["encoder"]
+        assert {str(x.dtype) for x in jax.tree.leaves(model)} == {"bfloat16"}
 
 
 @pytest.mark.slow
