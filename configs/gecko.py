@@ -38,6 +38,7 @@ def get_config(arg=None):
         c.max_document_length = 128
     else:
         c.model_config = t5_model_config(size)
+        c.dtype = "bfloat16"                      # compute dtype (parameters and optimizer state: float32)
         c.tokenizer = "google/t5-v1_1-base"
         c.data.kind = "pairs"
         c.data.path = ""

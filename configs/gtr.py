@@ -24,7 +24,7 @@ def t5_model_config(size: str, projection_dim: int = 768) -> dict:
     d, kv, ff, layers, heads = T5_SIZES[size]
     return {"architecture": "t5",
             "encoder": dict(vocab_size=32128, d_model=d, d_kv=kv, d_ff=ff, num_layers=layers, num_heads=heads,
-                            feed_forward_proj="gated-gelu", dtype="bfloat16"),
+                            feed_forward_proj="gated-gelu"),
             "head": dict(pooling="mean", projection_dim=projection_dim, projection_bias=False, normalize=True),
             "max_length": 512}
 
@@ -33,6 +33,7 @@ def get_config(arg=None):
     size = arg or "base"
     c = base_config()
     c.model_config = t5_model_config(size, 64 if size == "tiny" else 768)
+    c.dtype = "bfloat16"                          # compute dtype (parameters and optimizer state: float32)
     c.tokenizer = "google/t5-v1_1-base"           # SentencePiece vocabulary shared by all T5 v1.1 sizes
     c.max_query_length = 64
     c.max_document_length = 256

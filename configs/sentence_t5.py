@@ -89,14 +89,14 @@ def get_config(arg=None):
         c.model_config = {
             "architecture": "t5",
             "encoder": dict(vocab_size=32128, d_model=d_model, d_ff=d_ff, num_heads=heads, d_kv=d_kv,
-                            num_layers=layers, feed_forward_proj="gated-gelu" if v1_1 else "relu",
-                            dtype="float32" if size == "tiny" else "bfloat16"),
+                            num_layers=layers, feed_forward_proj="gated-gelu" if v1_1 else "relu"),
             "head": dict(pooling="mean", projection_dim=32 if size == "tiny" else 768, projection_bias=False,
                          normalize=True),
             "max_length": 256,
         }
         # The T5 SentencePiece vocabulary (32k pieces, same for every size); downloaded once at train time.
         c.tokenizer = "sentence-transformers/sentence-t5-base"
+    c.dtype = "float32" if size == "tiny" else "bfloat16"   # compute dtype (parameters, optimizer: float32)
     c.max_query_length = 128
     c.max_document_length = 128
     c.data.kind = "beir"

@@ -262,3 +262,19 @@ def test_scanned_layers_load_pretrained_save_back_and_refuse_modernbert(tmp_path
 
     with pytest.raises(ValueError, match="scan_layers is not supported for ModernBERT"):
         dataclasses.replace(ENCODERS["modernbert"], scan_layers=True)
+
+
+def test_a_model_config_runtime_field_must_agree_with_the_top_level_key():
+    """model_config.encoder.dtype='bfloat16' with the top-level dtype left at float32 is an error naming both
+    (the top-level key decides; a silently replaced dtype doubled Sentence-T5-XXL's activations once)."""
+    from embedjax.models.source import resolve
+
+    c = base_config()
+    c.model_config = {"architecture": "t5", "encoder": {"vocab_size": 100, "d_model": 16, "d_kv": 4, "d_ff": 32,
+                                                         "num_layers": 1, "num_heads": 4, "dtype": "bfloat16"},
+                      "head": {"pooling": "mean"}, "max_length": 32}
+    with pytest.raises(ConfigError, match=r"encoder dtype='bfloat16' differs from the top-level key "
+                                          r"dtype='float32'"):
+        resolve(c, weights=False, tokenizer=False)
+    c.dtype = "bfloat16"
+    assert resolve(c, weights=False, tokenizer=False).config.encoder.dtype == "bfloat16"
