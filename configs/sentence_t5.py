@@ -11,15 +11,14 @@ Train on a TPU slice (every worker runs the same command, see tpu/README section
         --config.data.kind=pairs --config.data.path=/data/pairs.jsonl
 
 Result (`embedjax aot ... --topology v5e-256`, libtpu 0.0.42.1, compiled on a 2-core CPU, per chip of 16 GiB):
-  size   batch  today's models               with activations constrained to the batch sharding (see below)
-  base    512   fits, 13.85 GiB (87%)        0.73 GiB
-  large  1024   does not fit: 50.8 GiB temps 2.42 GiB
-  xl     2048   does not fit: 402.9 GiB      7.49 GiB
-  xxl    2048   does not fit: 201.5 GiB      13.64 GiB (85%; grad_cache_chunks=4; 865 s to compile)
-"Today's models" put no sharding constraint on activations, so the partitioner replicates them over the
-fsdp axis; constraining each Dense output to ("data", "fsdp") on the batch dimension is the fix measured in
-the last column (a change to embedjax/models, pending). The training result depends on the pairs you train
-on (the default data is the shipped SciFact train split: a smoke test only).
+  size   batch  activations unconstrained (2026-11)   constrained to the batch sharding (the models today)
+  base    512   fits, 13.85 GiB (87%)                 0.73 GiB
+  large  1024   does not fit: 50.8 GiB temps          2.42 GiB
+  xl     2048   does not fit: 402.9 GiB               7.49 GiB
+  xxl    2048   does not fit: 201.5 GiB               13.64 GiB (85%; grad_cache_chunks=4)
+XXL with rematerialisation and scanned layers (`python bench/aot_remat_scan.py`, 2026-12-03): remat_policy=full
+7.43 GiB; scan_layers=True 4.51 GiB and 4.8x less compile time; both 1.24 GiB. The training result depends on
+the pairs you train on (the default data is the shipped SciFact train split: a smoke test only).
 
 Variants (comma-separated, big_vision style), e.g. `:xxl`, `:large,v1_1`, `:base,pretrained`, `:tiny`:
   tiny | base | large | xl | xxl   size. base/large/xl/xxl have exactly the encoder shapes of
