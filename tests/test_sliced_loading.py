@@ -3,7 +3,6 @@ process reads from the safetensors file only the slices its own devices hold (ev
 the arrays it holds equal the file's, and no device holds a whole sharded weight."""
 import json
 
-import numpy as np
 import pytest
 
 from _processes import logs, start_python, wait_all
@@ -12,7 +11,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 CHILD = r'''
 import json, sys
-import numpy as np
 from embedjax.models import convert
 
 reads = []
