@@ -11,6 +11,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 CHILD = r'''
 import json, sys
+import numpy as np
 from embedjax.models import convert
 
 reads = []
