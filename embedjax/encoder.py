@@ -105,7 +105,7 @@ class Encoder:
         out = save_sentence_transformers(path, self.config, self.params, self.tokenizer,
                                          prompts=st_prompts(self.prompt, self.prompts), hf_config=self._hf_config,
                                          default_prompt_name=self.default_prompt_name)
-        self._save_ranges(out)
+        self._save_extras(out)
         return out
 
     # --------------------------------------------------------------------------------------- properties
@@ -271,7 +271,7 @@ class Encoder:
             self.quantization_ranges[int(d)] = qz.calibration_ranges(_truncate(emb, int(d), norm))
         return dict(self.quantization_ranges)
 
-    def _save_ranges(self, folder: Path) -> None:
+    def _save_extras(self, folder: Path) -> None:
         if self.whitening is not None:
             np.savez(folder / WHITENING_FILE, mean=self.whitening[0], matrix=self.whitening[1])
         if self.quantization_ranges:

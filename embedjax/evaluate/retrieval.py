@@ -321,6 +321,13 @@ class _CacheWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def _find_cache(path: Path | None) -> Path | None:
+    """The cache file for `path`'s key: the user's cache, else the shipped read-only one; None if neither."""
+    if path is None:
+        return None
+    return next((p for p in (path, SHIPPED_CACHE_DIR / path.name) if p.is_file()), None)
+
+
 def _open_cached(path: Path, n_rows: int) -> tuple[Any, int] | None:
     """Opens a cache file positioned at its data; None (with a warning) if it is unreadable or mismatched."""
     try:
@@ -515,9 +522,7 @@ class RetrievalEvaluator(Evaluator):
         otherwise embedded (and written to the cache)."""
         n = len(texts)
         path = self.cache_path(encode_fn, texts)
-        found = None
-        if path is not None:
-            found = next((p for p in (path, SHIPPED_CACHE_DIR / path.name) if p.is_file()), None)
+        found = _find_cache(path)
         opened = _open_cached(found, n) if found is not None else None
         self.last_info.update(cache_path=str(found or path) if path else None, cache_hit=opened is not None)
         if opened is not None:
@@ -606,9 +611,7 @@ class RetrievalEvaluator(Evaluator):
         n = len(texts)
         m = min(n, self.corpus_chunk_size)
         pos = np.sort(np.random.default_rng(self.calibration_seed).choice(n, size=m, replace=False))
-        path = self.cache_path(encode_fn, texts)
-        found = None if path is None else next((p for p in (path, SHIPPED_CACHE_DIR / path.name) if p.is_file()),
-                                               None)
+        found = _find_cache(self.cache_path(encode_fn, texts))
         opened = _open_cached(found, n) if found is not None else None
         if opened is not None:   # rows of the cache are in `order`: row r is document order[r]
             f, d = opened

@@ -127,21 +127,16 @@ def with_runtime(cfg: ModelConfig, config: Any) -> ModelConfig:
               "remat": str(config.get("remat_policy", "none")),
               "param_dtype": str(config.get("param_dtype", "float32")),
               "scan_layers": bool(config.get("scan_layers", False))}
-    keys = {"dtype": "dtype", "dropout_rate": "dropout_rate", "remat": "remat_policy", "param_dtype": "param_dtype",
-            "scan_layers": "scan_layers"}
     defaults = {f.name: f.default for f in dataclasses.fields(cfg.encoder)}
     for field, want in wanted.items():   # a model config that sets one of these itself must agree with the key
+        key = "remat_policy" if field == "remat" else field
         have = getattr(cfg.encoder, field, defaults.get(field))
         if field in defaults and have != defaults[field] and have != want:
             raise ConfigError(f"config: the model config's encoder {field}={have!r} differs from the top-level key "
-                              f"{keys[field]}={want!r}, which decides it: set {keys[field]}={have!r} or leave "
+                              f"{key}={want!r}, which decides it: set {key}={have!r} or leave "
                               f"{field} out of model_config")
     try:
-        enc = dataclasses.replace(cfg.encoder, dtype=str(config.get("dtype", "float32")),
-                                  dropout_rate=float(config.get("dropout_rate", 0.0)),
-                                  remat=str(config.get("remat_policy", "none")),
-                                  param_dtype=str(config.get("param_dtype", "float32")),
-                                  scan_layers=bool(config.get("scan_layers", False)))
+        enc = dataclasses.replace(cfg.encoder, **wanted)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
     return dataclasses.replace(cfg, encoder=enc)
