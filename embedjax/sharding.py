@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("proj", "tensor"),
     ("pos", None),
     ("norm", None),
+    ("latents", None),          # the learned latent array of latent-attention pooling (dual_encoder)
     ("layers", None),           # the stacked layer axis of scanned layers (`scan_layers`)
     # activations (models name them through `logical_constraint`, t5x / MaxText style)
     ("activation_batch", BATCH_AXES),

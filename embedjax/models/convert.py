@@ -16,6 +16,7 @@ import numpy as np
 
 from embedjax import errors
 from embedjax.models.bert import BertConfig
+from embedjax.models.decoder import DecoderConfig
 from embedjax.models.modernbert import ModernBertConfig
 from embedjax.models.dual_encoder import ARCHITECTURES, HeadConfig, ModelConfig, tower_params
 from embedjax.models.layers import stack_layers, unstack_layers
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # model_type in config.json -> embedjax architecture
 MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "mpnet": "bert", "modernbert": "modernbert",
-               "t5": "t5", "mt5": "t5"}
+               "t5": "t5", "mt5": "t5", "qwen3": "decoder", "gemma3_text": "decoder"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "special_tokens_map.json")
 
@@ -270,9 +271,34 @@ def _modernbert_mapping(cfg: ModernBertConfig) -> Mapping:
     return [(k, ("encoder",) + path, kind) for k, path, kind in m]
 
 
+def _decoder_mapping(cfg: DecoderConfig) -> Mapping:
+    """Qwen3Model / Gemma3TextModel keys (a *ForCausalLM checkpoint's "model." prefix is dropped on loading, its
+    lm_head ignored). Qwen3's post_attention_layernorm is the norm before the MLP; Gemma 3's is applied to the
+    attention output, with pre_ / post_feedforward_layernorm around the MLP."""
+    m: Mapping = [("embed_tokens.weight", ("token_embedder", "embedding"), "copy"),
+                  ("norm.weight", ("final_norm", "scale"), "copy")]
+    norms = (("input_layernorm", "attention_norm"), ("post_attention_layernorm", "post_attention_norm"),
+             ("pre_feedforward_layernorm", "mlp_norm"), ("post_feedforward_layernorm", "post_mlp_norm")
+             ) if cfg.is_gemma else (("input_layernorm", "attention_norm"), ("post_attention_layernorm", "mlp_norm"))
+    for i in range(cfg.num_hidden_layers):
+        p, layer = f"layers.{i}.", f"layer_{i}"
+        for hf, ours in (("self_attn.q_proj", "query"), ("self_attn.k_proj", "key"), ("self_attn.v_proj", "value"),
+                         ("self_attn.o_proj", "attention_output")):
+            m.append((p + hf + ".weight", (layer, ours, "kernel"), "linear"))
+            if cfg.attention_bias:
+                m.append((p + hf + ".bias", (layer, ours, "bias"), "copy"))
+        for hf, ours in (("mlp.gate_proj", "wi_0"), ("mlp.up_proj", "wi_1"), ("mlp.down_proj", "wo")):
+            m.append((p + hf + ".weight", (layer, ours, "kernel"), "linear"))
+        for hf, ours in norms + (("self_attn.q_norm", "query_norm"), ("self_attn.k_norm", "key_norm")):
+            m.append((p + hf + ".weight", (layer, ours, "scale"), "copy"))
+    return [(k, ("encoder",) + path, kind) for k, path, kind in m]
+
+
 def _mapping(cfg: ModelConfig) -> Mapping:
     if cfg.architecture == "modernbert":
         return _modernbert_mapping(cfg.encoder)
+    if cfg.architecture == "decoder":
+        return _decoder_mapping(cfg.encoder)
     return _bert_mapping(cfg.encoder) if cfg.architecture == "bert" else _t5_mapping(cfg.encoder)
 
 
@@ -312,6 +338,8 @@ def hf_to_tower_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], source:
     """HF tensors -> the params of one tower (encoder part)."""
     if cfg.architecture == "modernbert":
         tensors = _strip_prefix(tensors, "embeddings.tok_embeddings.weight")
+    elif cfg.architecture == "decoder":   # a *ForCausalLM checkpoint: "model." in front, lm_head left out
+        tensors = _strip_prefix(tensors, "embed_tokens.weight")
     elif cfg.architecture == "bert":
         tensors = _strip_prefix(tensors, "embeddings.word_embeddings.weight")
         # very old checkpoints name LayerNorm params gamma / beta
@@ -362,7 +390,7 @@ def tower_params_to_hf(cfg: ModelConfig, tower: dict) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def encoder_config_from_hf(cfg_json: dict, source: Path) -> tuple[str, BertConfig | T5Config]:
+def encoder_config_from_hf(cfg_json: dict, source: Path) -> tuple[str, Any]:
     mt = cfg_json.get("model_type")
     if mt not in MODEL_TYPES:
         raise ModelLoadError(f"{source}: model_type {mt!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
@@ -376,7 +404,7 @@ def encoder_config_from_hf(cfg_json: dict, source: Path) -> tuple[str, BertConfi
 
 # sentence-transformers' pooling modes (6.x `pooling_mode` names; v2-v5 `pooling_mode_*_token(s)` flags)
 _ST_POOLING = {"cls": "cls", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
-               "mean_sqrt_len": "mean_sqrt_len"}
+               "mean_sqrt_len": "mean_sqrt_len", "lasttoken": "lasttoken"}
 _ST_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
                      "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
                      "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
@@ -595,6 +623,9 @@ def save_sentence_transformers(path: str | os.PathLike, cfg: ModelConfig, params
                                default_prompt_name: str | None = None) -> Path:
     """Writes a folder that `SentenceTransformer(path)` loads (safetensors weights). Separate towers become a
     Router with the routes 'query' and 'document' (`encode_query` / `encode_document` pick them)."""
+    if cfg.head.pooling not in set(_ST_POOLING.values()):
+        raise errors.ExportError(f"{path}: pooling {cfg.head.pooling!r} has no sentence-transformers module (its "
+                                 "Pooling has no such mode), so this model cannot be saved in that format")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.shared_towers:
@@ -655,6 +686,7 @@ def _write_st_pipeline(out: Path, prefix: str, cfg: ModelConfig, tower: dict, to
         "pooling_mode_mean_tokens": cfg.head.pooling == "mean",
         "pooling_mode_max_tokens": cfg.head.pooling == "max",
         "pooling_mode_mean_sqrt_len_tokens": cfg.head.pooling == "mean_sqrt_len",
+        "pooling_mode_lasttoken": cfg.head.pooling == "lasttoken",
     })
     modules.append({"path": mdir(1, "Pooling"), "type": "sentence_transformers.models.Pooling"})
     if cfg.head.projection_dim:

@@ -6,11 +6,13 @@ Every parameter is created through `nn.with_logical_partitioning` so that the sh
 Logical axis names used by the models:
   vocab   vocabulary rows of an embedding table
   embed   the model (hidden) dimension
-  heads   fused heads * head_dim dimension of attention projections
+  heads   fused heads * head_dim dimension of attention projections (the key / value heads of grouped-query
+          attention too: fewer of them, same axis)
   mlp     feed-forward hidden dimension
   pos     position-embedding rows / relative-position buckets
   proj    output dimension of the sentence-embedding projection
   norm    scale / bias vectors of normalisation layers (replicated)
+  latents rows of the learned latent array of latent-attention pooling (replicated)
 """
 from __future__ import annotations
 
@@ -125,19 +127,22 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """T5 LayerNorm: no mean subtraction, no bias, variance in float32."""
+    """T5 LayerNorm: no mean subtraction, no bias, variance in float32. `zero_centered` (Gemma): the stored scale
+    is applied as (1 + scale) and starts at zero."""
 
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    zero_centered: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (d,), jnp.float32)
+        init = nn.initializers.zeros if self.zero_centered else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (d,), jnp.float32)
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.eps)
-        return (scale * y).astype(self.dtype)
+        return ((1.0 + scale if self.zero_centered else scale) * y).astype(self.dtype)
 
 
 # Training-time settings every encoder config carries (`dtype` is the third): they change how a step runs,
@@ -250,12 +255,18 @@ CPU_ATTENTION_BLOCK_BYTES = 4 << 20
 
 def masked_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
                      mask_BxL: jax.Array, *, scale: float | None, bias_1xHxLxL: jax.Array | None = None,
-                     window: int | None = None, row_blocks: bool | None = None) -> jax.Array:
+                     window: int | None = None, row_blocks: bool | None = None, causal: bool = False) -> jax.Array:
     """Softmax attention over keys where mask is 1. Logits and softmax in float32.
 
     Through `jax.nn.dot_product_attention` (XLA implementation; 1.8x faster on CPU than the same math written
     as two einsums). `scale=None` means no scaling (T5). `window`: a query sees only keys at distance <= window
-    (bidirectional local attention, ModernBERT).
+    (bidirectional local attention, ModernBERT). `causal`: a query at i sees only keys at j <= i (with `window`:
+    i - window <= j <= i, the one-sided window of decoder sliding-window layers).
+
+    Keys and values may have fewer heads than queries (grouped-query attention: query head h reads key / value
+    head h // (H / H_kv), the grouping of transformers' `repeat_kv`). A query row whose every key is masked
+    (a padding position before the text under causal attention, with left padding) gets a uniform average of
+    the values, never NaN; its output is padding and means nothing.
 
     `row_blocks` (default: on the CPU backend when the logits exceed `CPU_ATTENTION_BLOCK_BYTES` per device):
     the batch is processed a block of rows at a time in a `lax.map`, each block rematerialised in the backward
@@ -264,9 +275,12 @@ def masked_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
     training no longer keeps every layer's attention probabilities. Blocks take rows strided across the batch
     so that each device keeps its own rows when the batch is sharded. GPU/TPU keep the one fused call."""
     mask_Bx1x1xL = mask_BxL[:, None, None, :].astype(bool)
-    if window is not None:
+    if window is not None or causal:
         L = mask_BxL.shape[1]
-        near_LxL = np.abs(np.arange(L)[:, None] - np.arange(L)[None, :]) <= window
+        offset_LxL = np.arange(L)[:, None] - np.arange(L)[None, :]    # query position - key position
+        near_LxL = np.ones((L, L), bool) if window is None else np.abs(offset_LxL) <= window
+        if causal:
+            near_LxL &= offset_LxL >= 0
         mask_Bx1x1xL = mask_Bx1x1xL & near_LxL[None, None]
     bias = None if bias_1xHxLxL is None else bias_1xHxLxL.astype(jnp.float32)
 
