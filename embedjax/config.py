@@ -30,15 +30,16 @@ ConfigError = errors.ConfigError   # defined in embedjax/errors.py (one module o
 LOSS_NAMES: tuple[str, ...] = ("in_batch_softmax", "in_batch_softmax_sharded", "in_batch_softmax_ring",
                                "sigmoid", "sigmoid_sharded", "cosent", "angle", "distill_kl", "margin_mse")
 # loss.name -> the loss.* keys it reads (tests/test_objectives.py checks this against what each objective reads).
-_WRAP_KEYS = ("matryoshka_dims", "matryoshka_weights", "quantization_aware", "quantization_weight",
-              "spread_out_weight")
+_WRAP_KEYS = ("matryoshka_dims", "matryoshka_weights", "matryoshka_layers", "matryoshka_layer_weights",
+              "quantization_aware", "quantization_weight", "spread_out_weight")
 _SOFTMAX_KEYS = ("temperature", "learn_temperature", "bidirectional", "same_tower", "margin") + _WRAP_KEYS
 _SIGMOID_KEYS = ("sigmoid_t", "sigmoid_b") + _WRAP_KEYS
 _SCALED_KEYS = ("scale",) + _WRAP_KEYS
 LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "in_batch_softmax": _SOFTMAX_KEYS, "in_batch_softmax_sharded": _SOFTMAX_KEYS,
     "in_batch_softmax_ring": _SOFTMAX_KEYS, "sigmoid": _SIGMOID_KEYS, "sigmoid_sharded": _SIGMOID_KEYS,
-    "cosent": _SCALED_KEYS, "angle": _SCALED_KEYS, "distill_kl": ("temperature", "teacher_temperature"),
+    "cosent": _SCALED_KEYS, "angle": _SCALED_KEYS, "distill_kl": ("temperature", "teacher_temperature", "matryoshka_layers",
+                                                             "matryoshka_layer_weights"),
     "margin_mse": _SCALED_KEYS,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -108,6 +109,9 @@ def base_config() -> ConfigDict:
     c.loss.teacher_temperature = 1.0       # distill_kl: softmax temperature of the teacher's scores
     c.loss.matryoshka_dims = ()
     c.loss.matryoshka_weights = ()
+    c.loss.matryoshka_layers = ()          # 2D Matryoshka: also train the sub-networks of these many layers (each
+                                           # over matryoshka_dims too), e.g. (3,) for a 6-layer model
+    c.loss.matryoshka_layer_weights = ()   # one weight per entry of matryoshka_layers (default 1.0 each)
     c.loss.quantization_aware = ""         # "" | binary | int8: also train on the embeddings as stored in that
                                            # precision (straight-through), weighted by loss.quantization_weight
     c.loss.quantization_weight = 1.0
@@ -271,6 +275,29 @@ def validate(cfg: ConfigDict) -> None:
     dims = tuple(cfg.loss.matryoshka_dims)
     if dims and list(dims) != sorted(dims, reverse=True):
         raise ConfigError(f"config: loss.matryoshka_dims must be decreasing, got {dims}")
+    layers = tuple(cfg.loss.get("matryoshka_layers", ()))
+    if layers and (any(int(n) < 1 for n in layers) or list(layers) != sorted(set(layers))):
+        raise ConfigError(f"config: loss.matryoshka_layers must be increasing layer counts >= 1, got {layers}")
+    lw = tuple(cfg.loss.get("matryoshka_layer_weights", ()))
+    if lw and len(lw) != len(layers):
+        raise ConfigError(f"config: loss.matryoshka_layer_weights has {len(lw)} weights for "
+                          f"{len(layers)} loss.matryoshka_layers {layers}")
+
+
+def check_model_fit(cfg: ConfigDict, model_cfg: Any) -> None:
+    """What the config asks of the model that only the model can answer (its depth, its layer layout)."""
+    from embedjax.models.dual_encoder import num_layers
+
+    layers = tuple(int(n) for n in cfg.loss.get("matryoshka_layers", ()))
+    if not layers:
+        return
+    n = num_layers(model_cfg)
+    if layers[-1] >= n:
+        raise ConfigError(f"config: loss.matryoshka_layers {layers} must be below the model's {n} layers (the "
+                          "full depth is always trained)")
+    if getattr(model_cfg.encoder, "scan_layers", False):
+        raise ConfigError("config: loss.matryoshka_layers (2D Matryoshka) needs scan_layers=False: a scanned "
+                          "layer stack returns only its last state")
 
 
 def read_workdir_config(workdir: Any) -> ConfigDict:

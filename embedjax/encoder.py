@@ -148,8 +148,11 @@ class Encoder:
     def encode(self, texts: str | Iterable[str], *, batch_size: int = 128, max_length: int | None = None,
                prompt: str | None = None, prompt_name: str | None = None, normalize: bool | None = None,
                dim: int | None = None, tower: Tower = "query", show_progress: bool | None = None,
-               warn_truncation: bool = True, precision: str = "float32") -> np.ndarray:
+               warn_truncation: bool = True, precision: str = "float32", layers: int | None = None) -> np.ndarray:
         """Embeds texts; returns float32 [N, D] (D = `dim` if given).
+
+        `layers` (2D Matryoshka): embed with the sub-network of the model's first `layers` layers only
+        (`truncated(layers)`, compiled once and kept); `dim` and `precision` then apply to its embeddings.
 
         Texts are sorted by token length and padded to bucket lengths, so at most one compilation per bucket
         (per tower / normalisation) happens whatever the input. `dim` keeps the first `dim` components
@@ -157,6 +160,14 @@ class Encoder:
         `prompt_name` picks one of the model's configured prompts. Truncated texts are counted in a warning
         (`warn_truncation=False`: at debug level; callers that encode in pieces warn once).
         """
+        if layers is not None and int(layers) != self.num_layers:
+            if self.whitening is not None:
+                raise ValueError("encode(layers=...): the whitening was fitted on the full model's embeddings; "
+                                 "use truncated(layers) and fit that one's own")
+            return self.truncated(int(layers)).encode(
+                texts, batch_size=batch_size, max_length=max_length, prompt=prompt, prompt_name=prompt_name,
+                normalize=normalize, dim=dim, tower=tower, show_progress=show_progress,
+                warn_truncation=warn_truncation, precision=precision)
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -227,6 +238,29 @@ class Encoder:
             out = qz.apply_whitening(out, *self.whitening, normalize=norm)
         out = _truncate(out, out_dim, norm)
         return self._quantize(out, precision) if precision != "float32" else out
+
+    @property
+    def num_layers(self) -> int:
+        from embedjax.models.dual_encoder import num_layers
+        return num_layers(self.config)
+
+    def truncated(self, layers: int) -> "Encoder":
+        """The sub-network of the first `layers` encoder layers (2D Matryoshka) as an Encoder of its own: same
+        tokenizer, prompts and head, a subset of the same parameters (nothing copied). Kept per `layers`, so
+        `encode(layers=...)` compiles it once. It can be saved, calibrated, evaluated and exported like any
+        model; it has no whitening (fit its own)."""
+        from embedjax.models.dual_encoder import truncate_layers
+
+        if int(layers) == self.num_layers:
+            return self
+        subs = self.__dict__.setdefault("_truncated", {})
+        if int(layers) not in subs:
+            cfg, params = truncate_layers(self.config, self.params, int(layers))
+            sub = Encoder(cfg, params, self.tokenizer, name=f"{self.name}[:{int(layers)} layers]",
+                          prompts=self.prompts, hf_config=_truncated_hf_config(self._hf_config, cfg),
+                          mesh=self.mesh, prompt=self.prompt, default_prompt_name=self.default_prompt_name)
+            subs[int(layers)] = sub
+        return subs[int(layers)]
 
     @property
     def output_dim(self) -> int:
@@ -306,6 +340,19 @@ class Encoder:
         c = self.config
         return (f"Encoder({self.name or '<unnamed>'}: {c.architecture}, dim={self.dim}, pooling={c.head.pooling}, "
                 f"normalize={c.head.normalize}, max_length={c.max_length})")
+
+
+def _truncated_hf_config(hf_config: dict | None, cfg: ModelConfig) -> dict | None:
+    """The Hugging Face config.json of a truncated model: the layer count (and ModernBERT's layer types)."""
+    if hf_config is None:
+        return None
+    out = dict(hf_config)
+    for key in ("num_hidden_layers", "num_layers"):
+        if key in out:
+            out[key] = getattr(cfg.encoder, key, None) or getattr(cfg.encoder, "num_layers")
+    if "layer_types" in out and hasattr(cfg.encoder, "layer_types"):
+        out["layer_types"] = list(cfg.encoder.layer_types)
+    return out
 
 
 def _vocab_size(cfg: ModelConfig) -> int:

@@ -40,11 +40,15 @@ class Experiment:
 
     def train_step(self, model_cfg: Any, state_shardings: Any) -> Callable:
         """step(state, batch) -> (state, metrics), jitted with donated state."""
+        from embedjax.config import check_model_fit
         from embedjax.train_step import jit_train_step, make_train_step
+
+        check_model_fit(self.config, model_cfg)
 
         return jit_train_step(make_train_step(model_cfg, self.objective, self.tx,
                                               grad_cache_chunks=self.config.grad_cache_chunks,
-                                              lr_schedule=self.lr_schedule, seed=int(self.config.seed)),
+                                              lr_schedule=self.lr_schedule, seed=int(self.config.seed),
+                                              exit_layers=tuple(self.config.loss.matryoshka_layers)),
                               state_shardings, self.mesh)
 
     def batch_spec(self) -> dict[str, Any]:

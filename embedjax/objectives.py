@@ -158,9 +158,33 @@ OBJECTIVES: dict[str, Callable[[Mapping[str, Any], Any], tuple[Objective, dict[s
 }
 
 
+def two_d_matryoshka(objective: Objective, layers: tuple[int, ...], weights: tuple[float, ...] = ()
+                     ) -> Objective:
+    """2D Matryoshka (arXiv 2402.14776, Starbucks arXiv 2410.13230): the train step's embeddings carry the full
+    model's embeddings followed by those of the first `layers[i]` layers (`DualEncoder(exit_layers=...)`); the
+    loss is ``objective(full) + sum_i weights[i] * objective(after layers[i])``, each term over
+    ``loss.matryoshka_dims`` when set. Metrics: the full model's, plus ``loss_layers{n}``."""
+    from embedjax.models.dual_encoder import split_exits
+
+    weights = tuple(float(w) for w in weights) or (1.0,) * len(layers)
+
+    def objective_2d(e, lp, batch):
+        parts = {k: split_exits(v, len(layers)) for k, v in e.items()}
+        loss, metrics = objective({k: p[0] for k, p in parts.items()}, lp, batch)
+        metrics = dict(metrics)
+        for i, (n, w) in enumerate(zip(layers, weights)):
+            sub_loss, _ = objective({k: p[i + 1] for k, p in parts.items()}, lp, batch)
+            loss = loss + w * sub_loss
+            metrics[f"loss_layers{n}"] = sub_loss
+        return loss, metrics
+
+    return objective_2d
+
+
 def make_objective(loss_cfg: Mapping[str, Any], mesh: Any = None) -> tuple[Objective, dict[str, float]]:
     """(objective, initial loss params) for the config's `loss` section (base_config's keys; `mesh`: the
-    training mesh, needed by the shard_map forms)."""
+    training mesh, needed by the shard_map forms). With ``loss.matryoshka_layers`` the objective expects the
+    train step's 2D Matryoshka embeddings (`two_d_matryoshka`)."""
     from embedjax.config import base_config
 
     cfg = dict(base_config().loss)
@@ -168,4 +192,8 @@ def make_objective(loss_cfg: Mapping[str, Any], mesh: Any = None) -> tuple[Objec
     name = cfg["name"]
     if name not in OBJECTIVES:
         raise ValueError(f"loss.name {name!r} is not one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](cfg, mesh)
+    objective, loss_params = OBJECTIVES[name](cfg, mesh)
+    if cfg.get("matryoshka_layers"):
+        objective = two_d_matryoshka(objective, tuple(int(n) for n in cfg["matryoshka_layers"]),
+                                     tuple(cfg.get("matryoshka_layer_weights") or ()))
+    return objective, loss_params

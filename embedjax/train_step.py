@@ -39,11 +39,12 @@ def _tree_norm(tree: Any) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------- embedding
 
-def _embed_fn(model: DualEncoder):
+def _embed_fn(model: DualEncoder, exit_layers: tuple[int, ...] = ()):
     def embed(model_params, ids_BxL, mask_BxL, tower: str, rng: jax.Array | None = None) -> jax.Array:
         # a "dropout" rng turns the encoder's dropout on (layers.dropout); without one it is deterministic
         rngs = {} if rng is None else {"dropout": rng}
-        return model.apply({"params": model_params}, ids_BxL, mask_BxL, tower=tower, rngs=rngs)
+        return model.apply({"params": model_params}, ids_BxL, mask_BxL, tower=tower, rngs=rngs,
+                           exit_layers=exit_layers)
     return embed
 
 
@@ -203,16 +204,20 @@ def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Grad
 
 # --------------------------------------------------------------------------------------------- step
 
-def make_loss_and_grads(model_cfg: ModelConfig, objective: Objective, *, grad_cache_chunks: int = 0
-                        ) -> Callable[..., tuple[jax.Array, dict, dict]]:
+def make_loss_and_grads(model_cfg: ModelConfig, objective: Objective, *, grad_cache_chunks: int = 0,
+                        exit_layers: tuple[int, ...] = ()) -> Callable[..., tuple[jax.Array, dict, dict]]:
     """(params, batch, rng=None) -> (loss, metrics, grads). `rng`: the step's dropout key (None: no dropout).
+
+    `exit_layers` (2D Matryoshka): every embedding the objective sees is the full model's followed by those
+    after each of these layer counts, concatenated on the last axis (`objectives.two_d_matryoshka` splits them),
+    all from one forward pass; gradient caching treats them as one wider embedding.
 
     grad_cache_chunks > 1 turns on gradient caching: embeddings are computed chunk by chunk without keeping
     activations, the loss gradient is taken w.r.t. the embeddings, then each chunk is recomputed with `vjp`
     (with the same dropout keys, so the recomputed chunk is the one the loss saw).
     """
     model = DualEncoder(model_cfg)
-    embed = _embed_fn(model)
+    embed = _embed_fn(model, tuple(exit_layers))
 
     def forward_all(model_params, batch, rng):
         embs = {}
@@ -267,10 +272,12 @@ def make_loss_and_grads(model_cfg: ModelConfig, objective: Objective, *, grad_ca
 
 def make_train_step(model_cfg: ModelConfig, objective: Objective, tx: optax.GradientTransformation, *,
                     grad_cache_chunks: int = 0, lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
-                    seed: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    seed: int = 0, exit_layers: tuple[int, ...] = ()
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (new_state, metrics); jit it with `jit_train_step`. With a dropout rate
     in `model_cfg`, step n draws its dropout masks from key(seed) folded with n (so a resumed run repeats them)."""
-    compute = make_loss_and_grads(model_cfg, objective, grad_cache_chunks=grad_cache_chunks)
+    compute = make_loss_and_grads(model_cfg, objective, grad_cache_chunks=grad_cache_chunks,
+                                  exit_layers=exit_layers)
     dropout_on = float(getattr(model_cfg.encoder, "dropout_rate", 0.0)) > 0.0
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

@@ -123,7 +123,8 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxL: jax.Array, mask_BxL: jax.Array,
-                 token_type_ids_BxL: jax.Array | None = None) -> jax.Array:
+                 token_type_ids_BxL: jax.Array | None = None, exit_layers: tuple[int, ...] = ()) -> Any:
+        """`exit_layers` (2D Matryoshka): returns `(hidden, [hidden after each of those layer counts])`."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         L = input_ids_BxL.shape[1]
@@ -150,4 +151,4 @@ class BertEncoder(nn.Module):
                                (cfg.relative_attention_num_buckets, cfg.num_attention_heads), jnp.float32)
             buckets_LxL = relative_position_buckets(L, L, cfg.relative_attention_num_buckets, 128)
             bias = jnp.transpose(table[buckets_LxL], (2, 0, 1))[None]
-        return run_layers(BertLayer, cfg, cfg.num_hidden_layers, x_BxLxD, mask_BxL, bias)
+        return run_layers(BertLayer, cfg, cfg.num_hidden_layers, x_BxLxD, mask_BxL, bias, exits=exit_layers)

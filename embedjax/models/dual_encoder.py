@@ -185,9 +185,16 @@ class EmbeddingTower(nn.Module):
             return self.latent_attention(hidden_BxLxD, mask_BxL)
         return pool(hidden_BxLxD, mask_BxL, self.cfg.head.pooling)
 
-    def __call__(self, input_ids_BxL, mask_BxL, token_type_ids_BxL=None) -> jax.Array:
-        hidden = self.encoder(input_ids_BxL, mask_BxL, token_type_ids_BxL)
-        emb = self._pool(hidden, mask_BxL)
+    def __call__(self, input_ids_BxL, mask_BxL, token_type_ids_BxL=None, exit_layers: tuple[int, ...] = ()) -> Any:
+        """`exit_layers` (2D Matryoshka): a list, the full model's embeddings then those of the states after each
+        of these layer counts (pooled and projected alike)."""
+        if exit_layers:
+            hidden, states = self.encoder(input_ids_BxL, mask_BxL, token_type_ids_BxL, exit_layers=exit_layers)
+            return [self.head(h, mask_BxL) for h in [hidden, *states]]
+        return self.head(self.encoder(input_ids_BxL, mask_BxL, token_type_ids_BxL), mask_BxL)
+
+    def head(self, hidden_BxLxD, mask_BxL) -> jax.Array:
+        emb = self._pool(hidden_BxLxD, mask_BxL)
         if self.cfg.head.projection_dim:
             emb = activation(self.cfg.head.projection_activation)(self.projection(emb))
         return emb.astype(jnp.float32)
@@ -206,7 +213,10 @@ class DualEncoder(nn.Module):
             self.document_tower = EmbeddingTower(self.cfg)
 
     def __call__(self, input_ids_BxL, mask_BxL, token_type_ids_BxL=None, *, tower: Tower = "query",
-                 normalize: bool | None = None) -> jax.Array:
+                 normalize: bool | None = None, exit_layers: tuple[int, ...] = ()) -> jax.Array:
+        """Embeddings [B, E]. `exit_layers` (2D Matryoshka training): [B, E * (1 + len(exit_layers))], the full
+        model's embeddings then those after each of these layer counts, each part normalised on its own
+        (`split_exits` takes them apart)."""
         if self.cfg.shared_towers:
             t = self.tower
         elif tower == "query":
@@ -215,8 +225,12 @@ class DualEncoder(nn.Module):
             t = self.document_tower
         else:
             raise ValueError(f"tower must be 'query' or 'document', got {tower!r}")
+        norm = self.cfg.head.normalize if normalize is None else normalize
+        if exit_layers:
+            parts = t(input_ids_BxL, mask_BxL, token_type_ids_BxL, exit_layers=tuple(exit_layers))
+            return jnp.concatenate([l2_normalize(e) if norm else e for e in parts], axis=-1)
         emb = t(input_ids_BxL, mask_BxL, token_type_ids_BxL)
-        if self.cfg.head.normalize if normalize is None else normalize:
+        if norm:
             emb = l2_normalize(emb)
         return emb
 
@@ -239,3 +253,41 @@ def tower_params(cfg: ModelConfig, params: dict, tower: Tower = "query") -> dict
     if cfg.shared_towers:
         return params["tower"]
     return params[f"{tower}_tower"]
+
+
+def split_exits(emb: jax.Array, n_exits: int) -> list[jax.Array]:
+    """`DualEncoder(..., exit_layers=...)`'s output -> [full, after exit 1, ...], each [..., E]."""
+    return jnp.split(emb, n_exits + 1, axis=-1) if n_exits else [emb]
+
+
+def num_layers(cfg: ModelConfig) -> int:
+    enc = cfg.encoder
+    return int(getattr(enc, "num_hidden_layers", None) or enc.num_layers)
+
+
+def truncate_layers(cfg: ModelConfig, params: dict, layers: int) -> tuple[ModelConfig, dict]:
+    """The sub-network of the first `layers` encoder layers (2D Matryoshka): (config, params), the params a
+    subset of `params` (no copy). Pre-norm encoders (T5, ModernBERT) keep their final norm after the last kept
+    layer, as the model's `exit_layers` states have it."""
+    n = num_layers(cfg)
+    if not 1 <= int(layers) <= n:
+        raise ValueError(f"layers must be in [1, {n}] (the model has {n} layers), got {layers}")
+    layers = int(layers)
+    if layers == n:
+        return cfg, params
+    enc = cfg.encoder
+    if hasattr(enc, "num_hidden_layers"):
+        kw: dict[str, Any] = {"num_hidden_layers": layers}
+        if hasattr(enc, "layer_types"):
+            kw["layer_types"] = tuple(enc.layer_types[:layers])
+    else:
+        kw = {"num_layers": layers}
+    sub_cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(enc, **kw))
+
+    def cut(encoder: dict) -> dict:
+        if "layers" in encoder:   # scanned: a leading layer axis
+            return {k: (jax.tree.map(lambda x: x[:layers], v) if k == "layers" else v) for k, v in encoder.items()}
+        return {k: v for k, v in encoder.items()
+                if not (k.startswith("layer_") and k[6:].isdigit() and int(k[6:]) >= layers)}
+    towers = {name: dict(t, encoder=cut(t["encoder"])) for name, t in params.items()}
+    return sub_cfg, towers

@@ -164,22 +164,42 @@ def layer_class(cls: type[nn.Module], remat: str) -> type[nn.Module]:
     return nn.remat(cls, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]), prevent_cse=True)
 
 
-def run_layers(layer_cls: type[nn.Module], cfg: Any, n: int, x: jax.Array, *args: Any) -> jax.Array:
+def run_layers(layer_cls: type[nn.Module], cfg: Any, n: int, x: jax.Array, *args: Any,
+               exits: tuple[int, ...] = ()) -> Any:
     """`n` layers of `layer_cls(cfg)` applied in turn to `x` (the other `args` go to every layer unchanged),
     rematerialised per `cfg.remat`. With `cfg.scan_layers` one `nn.scan` over a stack of layers: parameters
     `layers/...` with a leading layer axis (logical name "layers"), one layer body traced and compiled instead of
     `n` (compile time and program size no longer grow with depth); else `layer_0` ... `layer_{n-1}`. A layer's
-    `__call__` returns `scan_out(cfg, y)`."""
+    `__call__` returns `scan_out(cfg, y)`.
+
+    `exits` (2D Matryoshka): also return the states after each of these layer counts, as `(x, [x_exit, ...])`;
+    the same states a model cut to that many layers (`dual_encoder.truncate_layers`) ends with."""
+    exits = check_exits(exits, n)
     layer = layer_class(layer_cls, cfg.remat)
     if not cfg.scan_layers:
+        states = []
         for i in range(n):
             x = layer(cfg, name=f"layer_{i}")(x, *args)
-        return x
+            if i + 1 in exits:
+                states.append(x)
+        return (x, states) if exits else x
+    if exits:
+        raise ValueError("2D Matryoshka (states after fewer layers) is not supported with scan_layers=True: the "
+                         "scanned stack returns only its last state; set scan_layers=False")
     scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * len(args), length=n,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = scanned(cfg, name="layers")(x, *args)
     return x
+
+
+def check_exits(exits: Any, n: int) -> tuple[int, ...]:
+    """Layer counts to exit after: increasing, each in [1, n) (the full depth is always the main output)."""
+    out = tuple(int(e) for e in exits)
+    if any(not 1 <= e < n for e in out) or list(out) != sorted(set(out)):
+        raise ValueError(f"exit layers must be increasing layer counts in [1, {n - 1}] (the model has {n} "
+                         f"layers), got {list(exits)}")
+    return out
 
 
 def scan_out(cfg: Any, y: jax.Array) -> Any:

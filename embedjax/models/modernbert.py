@@ -18,7 +18,7 @@ import numpy as np
 import flax.linen as nn
 
 from embedjax.models.layers import (Dense, Embed, LayerNorm, activation, head_scale,
-                                     masked_attention, rotary, RUNTIME_FIELDS, dropout, layer_class)
+                                     masked_attention, rotary, RUNTIME_FIELDS, dropout, layer_class, check_exits)
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
 _FULL, _SLIDING = "full_attention", "sliding_attention"
@@ -143,14 +143,20 @@ class ModernBertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxL: jax.Array, mask_BxL: jax.Array,
-                 token_type_ids_BxL: jax.Array | None = None) -> jax.Array:
+                 token_type_ids_BxL: jax.Array | None = None, exit_layers: tuple[int, ...] = ()) -> Any:
+        """`exit_layers` (2D Matryoshka): returns `(hidden, [final_norm(state after each of those layer counts)])`."""
         del token_type_ids_BxL   # ModernBERT has no token types
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         norm = dict(eps=cfg.norm_eps, dtype=dtype, use_bias=cfg.norm_bias)
         x = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), name="token_embedder")(input_ids_BxL)
         x = _constrain(dropout(self, LayerNorm(name="embeddings_norm", **norm)(x), cfg.dropout_rate))
+        exits = check_exits(exit_layers, cfg.num_hidden_layers)
         layer = layer_class(ModernBertLayer, cfg.remat)
+        final_norm = LayerNorm(name="final_norm", **norm)
+        states = []
         for i in range(cfg.num_hidden_layers):
             x = _constrain(layer(cfg, i, name=f"layer_{i}")(x, mask_BxL))
-        return LayerNorm(name="final_norm", **norm)(x)
+            if i + 1 in exits:
+                states.append(final_norm(x))
+        return (final_norm(x), states) if exits else final_norm(x)

@@ -135,7 +135,8 @@ class T5Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxL: jax.Array, mask_BxL: jax.Array,
-                 token_type_ids_BxL: jax.Array | None = None) -> jax.Array:
+                 token_type_ids_BxL: jax.Array | None = None, exit_layers: tuple[int, ...] = ()) -> Any:
+        """`exit_layers` (2D Matryoshka): returns `(hidden, [final_norm(state after each of those layer counts)])`."""
         del token_type_ids_BxL  # T5 has no token types
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -149,6 +150,11 @@ class T5Encoder(nn.Module):
         buckets_LxL = relative_position_buckets(L, L, cfg.relative_attention_num_buckets,
                                                 cfg.relative_attention_max_distance)
         bias_1xHxLxL = jnp.take(rel_table, jnp.asarray(buckets_LxL), axis=0).transpose(2, 0, 1)[None]
-        x_BxLxD = run_layers(T5Layer, cfg, cfg.num_layers, x_BxLxD, mask_BxL, bias_1xHxLxL)
-        return dropout(self, RMSNorm(cfg.layer_norm_epsilon, dtype=dtype, name="final_norm")(x_BxLxD),
-                       cfg.dropout_rate)
+        out = run_layers(T5Layer, cfg, cfg.num_layers, x_BxLxD, mask_BxL, bias_1xHxLxL, exits=exit_layers)
+        final_norm = RMSNorm(cfg.layer_norm_epsilon, dtype=dtype, name="final_norm")
+
+        def finish(x):
+            return dropout(self, final_norm(x), cfg.dropout_rate)
+        if exit_layers:
+            return finish(out[0]), [finish(x) for x in out[1]]
+        return finish(out)
