@@ -54,6 +54,8 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's)")
     p.add_argument("--prompt", default=None, help="string prepended to every text, e.g. 'query: '")
     p.add_argument("--dim", type=int, default=None, help="keep the first DIM dimensions (Matryoshka)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="run only the first LAYERS encoder layers (2D Matryoshka sub-network)")
     p.add_argument("--tower", choices=("query", "document"), default="query")
     p.add_argument("--no-normalize", action="store_true", help="return unnormalised embeddings")
     p.add_argument("--precision", choices=("float32", "int8", "uint8", "binary", "ubinary"), default="float32",
@@ -77,6 +79,11 @@ def _run_encode(args: argparse.Namespace) -> int:
     t0 = time.time()
     enc = Encoder.load(args.model)
     logging.info("loaded %r in %.1fs", enc, time.time() - t0)
+    if args.layers is not None:
+        try:
+            enc = enc.truncated(args.layers)
+        except ValueError as e:
+            raise CLIError(f"--layers {args.layers}: {e}") from None
     kw = dict(batch_size=args.batch_size, max_length=args.max_length, prompt=args.prompt,
               normalize=False if args.no_normalize else None)
     if args.calibrate:

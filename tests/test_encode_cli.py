@@ -47,6 +47,22 @@ def test_encode_jsonl_with_prompt_and_dim(tiny_bert_dir, tmp_path):
     np.testing.assert_allclose(np.load(out), ref, atol=1e-6)
 
 
+def test_encode_layers_runs_the_sub_network(tiny_bert_dir, tmp_path, capsys):
+    from embedjax import Encoder
+
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb c\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    assert main(["encode", "--model", str(tiny_bert_dir), "--input", str(src), "--output", str(out),
+                 "--layers", "1", "--dim", "16"]) == 0
+    enc = Encoder.load(tiny_bert_dir)
+    np.testing.assert_allclose(np.load(out), enc.encode(["a", "b c"], layers=1, dim=16), atol=1e-6)
+    assert np.abs(np.load(out) - enc.encode(["a", "b c"], dim=16)).max() > 1e-3
+    assert main(["encode", "--model", str(tiny_bert_dir), "--input", str(src), "--output", str(out),
+                 "--layers", "9"]) == 2
+    assert "--layers 9: layers must be in [1, 2]" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content,suffix,message", [
     (b"ok\n\xff\xfe bad\n", ".txt", "in.txt:2: invalid UTF-8"),
     (b'{"text": "a"}\n{"txt": "b"}\n', ".jsonl", "in.jsonl:2: missing field 'text'"),

@@ -55,6 +55,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "float32 documents")
     p.add_argument("--rescore-multiplier", type=int, default=4, help="candidates re-ranked per result (default 4)")
     p.add_argument("--dim", type=int, default=None, help="beir: keep the first DIM dimensions (Matryoshka)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="evaluate the sub-network of the first LAYERS encoder layers (2D Matryoshka)")
     p.set_defaults(func=run)
     return p
 
@@ -122,6 +124,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         print(f"embedjax eval: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     encoder = load_encoder(args.model)
+    if getattr(args, "layers", None) is not None:
+        try:
+            encoder = encoder.truncated(args.layers)
+        except ValueError as e:
+            print(f"embedjax eval: --layers {args.layers}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     ranges = getattr(encoder, "quantization_ranges", {}) or {}
     if getattr(evaluator, "precision", "float32") != "float32" or getattr(evaluator, "rescore", None):
         evaluator.ranges = ranges.get(args.dim or getattr(encoder, "dim", 0))   # the model's calibration, if any

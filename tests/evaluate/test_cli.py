@@ -102,3 +102,24 @@ def test_eval_beir_quantized_index(parser, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.evaluate(bad)
     assert "--precision/--rescore/--dim apply to --task beir only" in capsys.readouterr().err
+
+
+def test_eval_layers_scores_the_sub_network_of_a_real_model(tiny_bert_dir, tmp_path, capsys):
+    """Not the stand-in: `embedjax eval --layers 1` loads the model folder and scores its first layer only."""
+    from embedjax import Encoder
+    from embedjax.cli import main
+    from embedjax.evaluate.retrieval import RetrievalEvaluator
+
+    out = tmp_path / "m.json"
+    assert main(["eval", "--model", str(tiny_bert_dir), "--task", "beir", "--data", str(DATA / "toy_beir"),
+                 "--layers", "1", "--no-cache", "--no-progress", "--output", str(out)]) == 0
+    got = json.loads(out.read_text())["metrics"]
+    sub = Encoder.load(tiny_bert_dir).truncated(1)
+    want = RetrievalEvaluator.from_beir(DATA / "toy_beir", "test", use_cache=False, show_progress=False).run(
+        lambda texts, role, **kw: sub.encode(texts, tower=role, show_progress=False))
+    assert got["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-9)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", str(tiny_bert_dir), "--task", "stsb", "--data", str(DATA / "sts_toy.tsv"),
+              "--layers", "5", "--no-progress"])
+    assert exc.value.code == 2
+    assert "--layers 5: layers must be in [1, 2]" in capsys.readouterr().err
