@@ -544,9 +544,16 @@ def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True,
                                            modules_file)}
             shared = True
     else:
-        log.warning("%s has no modules.json: using mean pooling without normalisation (as sentence-transformers "
-                    "does for a plain Hugging Face model)", root)
-        chains = {"tower": {"transformer_dir": root, "pooling": "mean", "normalize": False, "dense": None,
+        # sentence-transformers' choice for a plain Hugging Face model: the last token of a causal language model
+        # (architectures[0] *ForCausalLM and not is_causal=false), else the mean
+        hf_cfg = _read_json(root / "config.json")
+        archs = hf_cfg.get("architectures") or [""]
+        causal_lm = str(archs[0]).endswith("ForCausalLM") and hf_cfg.get("is_causal", True) is not False
+        pooling = "lasttoken" if causal_lm else "mean"
+        log.warning("%s has no modules.json: using %s pooling without normalisation (as sentence-transformers "
+                    "does for a plain Hugging Face model%s)", root, pooling,
+                    ", a causal language model" if causal_lm else "")
+        chains = {"tower": {"transformer_dir": root, "pooling": pooling, "normalize": False, "dense": None,
                             "max_length": None}}
         shared = True
     if shared and "tower" not in chains:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embedjax.models.layers import (Dense, Embed, RMSNorm, RUNTIME_FIELDS, activation, dropout, layer_class,
+from embedjax.models.layers import (Dense, Embed, RMSNorm, activation, check_exits, dropout, layer_class,
                                      masked_attention, rotary, run_layers, scan_out)
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
@@ -76,7 +76,7 @@ class DecoderConfig:
     rope_local_theta: float = 10_000.0         # gemma3_text: rotary base of sliding layers (rope_local_base_freq)
     sliding_window: int | None = None          # the config.json value (see the module docstring)
     layer_types: tuple[str, ...] = ()          # per layer full_attention | sliding_attention; () = the default
-    query_pre_attn_scalar: float | None = None  # gemma3_text: attention scale query_pre_attn_scalar^-1/2
+    query_pre_attn_scalar: float | None = None  # gemma3_text: attention scale query_pre_attn_scalar^-1/2 (None: 256)
     final_logit_softcapping: float | None = None  # gemma3_text: on the LM head's logits only (no LM head here):
                                                   # kept so that to_hf writes it back
     attention: str = "causal"                  # causal | bidirectional
@@ -199,7 +199,7 @@ class DecoderConfig:
             if c["query_pre_attn_scalar"] is None:
                 raise ValueError("query_pre_attn_scalar is null (transformers' Gemma3 scales by it)")
             kw.update(sliding_window=None if sw is None else int(sw), layer_types=tuple(types),
-                      query_pre_attn_scalar=float(c["query_pre_attn_scalar"]),
+                      query_pre_attn_scalar=c["query_pre_attn_scalar"],
                       final_logit_softcapping=cfg.get("final_logit_softcapping"),
                       rope_theta=_rope_theta(cfg, c, _FULL), rope_local_theta=_rope_theta(cfg, c, _SLIDING))
         return cls(**kw)
@@ -216,8 +216,11 @@ class DecoderConfig:
             bos_token_id=self.bos_token_id,
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id)
         if self.is_gemma:
+            scalar = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else 256
             d.update(architectures=["Gemma3TextModel"], hidden_activation=self.hidden_act,
-                     query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+                     # an int where it is one: transformers' strict config refuses 256.0
+                     query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+                     sliding_window=self.sliding_window,
                      final_logit_softcapping=self.final_logit_softcapping, attn_logit_softcapping=None,
                      use_bidirectional_attention=self.attention == "bidirectional",
                      rope_parameters={_FULL: {"rope_type": "default", "rope_theta": self.rope_theta},
@@ -309,7 +312,8 @@ class DecoderEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxL: jax.Array, mask_BxL: jax.Array,
-                 token_type_ids_BxL: jax.Array | None = None) -> jax.Array:
+                 token_type_ids_BxL: jax.Array | None = None, exit_layers: tuple[int, ...] = ()) -> Any:
+        """`exit_layers` (2D Matryoshka): returns `(hidden, [final_norm(state after each of those layer counts)])`."""
         del token_type_ids_BxL   # decoders have no token types
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -318,10 +322,15 @@ class DecoderEncoder(nn.Module):
         if cfg.is_gemma:   # sqrt(hidden_size) in the compute dtype, as transformers casts it to the weights'
             x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
         x_BxLxD = _constrain(dropout(self, x_BxLxD, cfg.dropout_rate))
-        if cfg.scan_layers:   # every layer of one type (checked by the config)
-            x_BxLxD = run_layers(DecoderLayer, cfg, cfg.num_hidden_layers, x_BxLxD, mask_BxL)
-        else:
-            layer = layer_class(DecoderLayer, cfg.remat)
-            for i, layer_type in enumerate(cfg.layer_types):
-                x_BxLxD = layer(cfg, layer_type, name=f"layer_{i}")(x_BxLxD, mask_BxL)
-        return RMSNorm(cfg.rms_norm_eps, dtype=dtype, zero_centered=cfg.is_gemma, name="final_norm")(x_BxLxD)
+        final_norm = RMSNorm(cfg.rms_norm_eps, dtype=dtype, zero_centered=cfg.is_gemma, name="final_norm")
+        if cfg.scan_layers:   # every layer of one type (checked by the config); exits refused there
+            x_BxLxD = run_layers(DecoderLayer, cfg, cfg.num_hidden_layers, x_BxLxD, mask_BxL, exits=exit_layers)
+            return final_norm(x_BxLxD)
+        exits = check_exits(exit_layers, cfg.num_hidden_layers)
+        layer = layer_class(DecoderLayer, cfg.remat)
+        states = []
+        for i, layer_type in enumerate(cfg.layer_types):
+            x_BxLxD = layer(cfg, layer_type, name=f"layer_{i}")(x_BxLxD, mask_BxL)
+            if i + 1 in exits:
+                states.append(final_norm(x_BxLxD))
+        return (final_norm(x_BxLxD), states) if exits else final_norm(x_BxLxD)
