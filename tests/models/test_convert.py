@@ -43,8 +43,10 @@ def test_pooling_config_layouts(tmp_path):
     assert _pooling_from_st({"pooling_mode_mean_tokens": True}, tmp_path) == "mean"
     assert _pooling_from_st({"pooling_mode": "cls", "include_prompt": True}, tmp_path) == "cls"
     assert _pooling_from_st({"pooling_mode": ["mean_sqrt_len_tokens"]}, tmp_path) == "mean_sqrt_len"
-    with pytest.raises(ModelLoadError, match=r"pooling 'lasttoken' is not supported"):
-        _pooling_from_st({"pooling_mode": "lasttoken"}, tmp_path)
+    assert _pooling_from_st({"pooling_mode": "lasttoken"}, tmp_path) == "lasttoken"
+    assert _pooling_from_st({"pooling_mode_lasttoken": True, "pooling_mode_mean_tokens": False}, tmp_path) == "lasttoken"
+    with pytest.raises(ModelLoadError, match=r"pooling 'weightedmean' is not supported"):
+        _pooling_from_st({"pooling_mode": "weightedmean"}, tmp_path)
     with pytest.raises(ModelLoadError, match=r"pooling \('cls', 'mean'\) is not supported"):
         _pooling_from_st({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True}, tmp_path)
     with pytest.raises(ModelLoadError, match="include_prompt=false"):
