@@ -18,6 +18,10 @@ def _int_list(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def _str_list(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help="write a TF Serving SavedModel or a sentence-transformers folder",
@@ -39,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--matryoshka-dims", type=_int_list, default=None,
                    help="extra outputs embedding_{d}, e.g. 256,128 (default: the workdir's "
                         "loss.matryoshka_dims)")
+    p.add_argument("--precisions", type=_str_list, default=(),
+                   help="extra quantised outputs embedding[_{d}]_{precision}, e.g. ubinary,int8 (int8 / uint8 need "
+                        "the model's calibration ranges: embedjax encode --calibrate, Encoder.calibrate)")
+    p.add_argument("--layers", type=_int_list, default=None,
+                   help="2D Matryoshka: extra signatures layers{n} running the first n layers, e.g. 3 (default: the "
+                        "workdir's loss.matryoshka_layers)")
     p.add_argument("--query-prompt", default=None,
                    help="prefix of the 'query' signature (default: the model's)")
     p.add_argument("--document-prompt", default=None,
@@ -82,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = export_saved_model(
         source, args.output, platforms=args.platforms, max_length=args.max_length,
-        matryoshka_dims=args.matryoshka_dims,
+        matryoshka_dims=args.matryoshka_dims, precisions=args.precisions, layers=args.layers,
         query_prompt=FROM_MODEL if args.query_prompt is None else args.query_prompt,
         document_prompt=FROM_MODEL if args.document_prompt is None else args.document_prompt,
         tokenizer_dir=args.tokenizer_dir, step=args.step, warmup_batch_sizes=args.warmup_batch_sizes,

@@ -116,14 +116,49 @@ def _format_tf(prompt: RolePrompt, role: str, texts: Any) -> Any:
     return prompt.format_query_tf(texts) if role == "query" else prompt.format_document_tf(texts)
 
 
+def _tf_quantize(x: Any, precision: str, ranges: np.ndarray | None) -> Any:
+    """`embedjax.quantize.quantize` in TensorFlow, the same float32 arithmetic (so equal inputs give equal
+    codes): int8 / uint8 with the calibration ranges as constants, binary / ubinary packed big-endian."""
+    import tensorflow as tf
+
+    from embedjax.quantize import _steps
+
+    if precision in ("int8", "uint8"):
+        starts, steps = _steps(ranges)   # steps are never 0
+        # not `a / tf.constant(steps)`: in a graph, Grappler rewrites a division by a constant into a product with
+        # its reciprocal, which rounds differently (about 1 code in 650 off by one); divide_no_nan is left alone
+        q = tf.clip_by_value(tf.floor(tf.math.divide_no_nan(x - tf.constant(starts), tf.constant(steps))), 0.0, 255.0)
+        return tf.cast(q, tf.uint8) if precision == "uint8" else tf.cast(q - 128.0, tf.int8)
+    d = int(x.shape[-1])
+    bits = tf.cast(x > 0, tf.int32)
+    if d % 8:
+        bits = tf.pad(bits, [[0, 0], [0, 8 - d % 8]])
+    weights = tf.constant([128, 64, 32, 16, 8, 4, 2, 1], tf.int32)
+    packed = tf.reduce_sum(tf.reshape(bits, [-1, (d + 7) // 8, 8]) * weights, axis=-1)
+    return tf.cast(packed, tf.uint8) if precision == "ubinary" else tf.cast(packed - 128, tf.int8)
+
+
+def output_names(dims: Sequence[int], full_dim: int, precisions: Sequence[str], scalar: bool = True) -> list[str]:
+    """The outputs of an embedding signature: ``embedding`` and ``embedding_{d}`` (float32), each also as
+    ``..._{precision}`` codes; `scalar=False` (a 2D Matryoshka sub-network: no calibration ranges of its own)
+    leaves out int8 / uint8."""
+    out = []
+    for d in [None, *dims]:
+        base = OUTPUT_NAME if d is None else f"{OUTPUT_NAME}_{d}"
+        out.append(base)
+        out += [f"{base}_{p}" for p in precisions if scalar or p not in ("int8", "uint8")]
+    return out
+
+
 def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platforms: Sequence[str],
-                 matryoshka_dims: Sequence[int], roles: dict[str, tuple[str, RolePrompt]]) -> Any:
+                 matryoshka_dims: Sequence[int], roles: dict[str, tuple[str, RolePrompt, int | None]],
+                 precisions: Sequence[str] = (), layers: Sequence[int] = ()) -> Any:
     """The tf.Module to save (built here so TensorFlow is imported only when exporting)."""
     import flax.traverse_util
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    from embedjax.models.dual_encoder import DualEncoder
+    from embedjax.models.dual_encoder import DualEncoder, truncate_layers
 
     cfg = src.config
     buckets = bucket_lengths(max_length)
@@ -131,9 +166,14 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
     normalize = bool(cfg.head.normalize)
     towers = ("query",) if cfg.shared_towers else ("query", "document")
     pad_id = int(tokenizer.spec.pad_id)
-    model = DualEncoder(cfg)
+    whitening = src.whitening
+    out_dim = dim if whitening is None else int(whitening[1].shape[1])
+    # the full model (None) and each 2D Matryoshka sub-network: (config, the params it reads)
+    models = {None: (cfg, lambda p: p)}
+    for n in layers:
+        models[n] = (truncate_layers(cfg, src.params, n)[0], lambda p, n=n: truncate_layers(cfg, p, n)[1])
 
-    def apply(params, ids_BxL, mask_BxL, *, tower: str):
+    def apply(params, ids_BxL, mask_BxL, *, tower: str, model: Any):
         return model.apply({"params": params}, ids_BxL, mask_BxL, tower=tower, normalize=False)
 
     class EmbeddingModule(tf.Module):
@@ -146,20 +186,22 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
             self._params = flax.traverse_util.unflatten_dict(var_of)
             self.tokenizer = tokenizer                         # tracked: TF tokenizer resources
             self.buckets = tuple(buckets)
-            self.model_fns: dict[str, Any] = {}  # "{tower}_{length}" -> tf.function
-            for tower in towers:
-                for length in buckets:
-                    conv = jax2tf.convert(functools.partial(apply, tower=tower),
-                                          polymorphic_shapes=[None, f"(b, {length})", f"(b, {length})"],
-                                          with_gradient=False,
-                                          native_serialization_platforms=tuple(platforms))
-                    self.model_fns[f"{tower}_{length}"] = self._model_fn(conv, length)
+            self.model_fns: dict[str, Any] = {}  # "{tower}_{length}" ("L{n}_..." for n layers) -> tf.function
+            for n, (sub_cfg, select) in models.items():
+                module = DualEncoder(sub_cfg)
+                for tower in towers:
+                    for length in buckets:
+                        conv = jax2tf.convert(functools.partial(apply, tower=tower, model=module),
+                                              polymorphic_shapes=[None, f"(b, {length})", f"(b, {length})"],
+                                              with_gradient=False,
+                                              native_serialization_platforms=tuple(platforms))
+                        self.model_fns[_fn_key(n, tower, length)] = self._model_fn(conv, length, select)
 
-        def _model_fn(self, conv: Callable, length: int) -> Any:
+        def _model_fn(self, conv: Callable, length: int, select: Callable) -> Any:
             spec = tf.TensorSpec([None, length], tf.int32)
 
             def run(ids, mask):
-                return conv(self._params, ids, mask)
+                return conv(select(self._params), ids, mask)
             return tf.function(run, input_signature=[spec, spec], autograph=False, jit_compile=True)
 
         # -- pieces shared by the signatures
@@ -174,7 +216,8 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
             idx = tf.searchsorted(buckets_t, tf.reshape(longest, [1]), side="left")[0]
             return tf.cast(tf.minimum(idx, len(self.buckets) - 1), tf.int32)
 
-        def embed(self, texts: Any, tower: str, prompt: RolePrompt, role: str) -> dict[str, Any]:
+        def embed(self, texts: Any, tower: str, prompt: RolePrompt, role: str,
+                  n_layers: int | None = None) -> dict[str, Any]:
             ids = self.tokenizer.tokenize(_format_tf(prompt, role, self._clean(texts)))  # [B, (L)] truncated
             lengths = ids.row_lengths()
             tower_key = tower if not cfg.shared_towers else "query"
@@ -183,7 +226,7 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
                 def run():
                     dense = ids.to_tensor(default_value=pad_id, shape=[None, length])
                     mask = tf.sequence_mask(lengths, length, dtype=tf.int32)
-                    return self.model_fns[f"{tower_key}_{length}"](dense, mask)
+                    return self.model_fns[_fn_key(n_layers, tower_key, length)](dense, mask)
                 return run
 
             def nonempty():
@@ -192,10 +235,19 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
             emb = tf.cond(tf.size(ids.row_lengths()) > 0, nonempty, lambda: tf.zeros([0, dim], tf.float32))
             emb = tf.ensure_shape(tf.cast(emb, tf.float32), [None, dim])
             full = _l2_normalize(emb) if normalize else emb
+            if whitening is not None and n_layers is None:   # as Encoder.encode: whitened, then re-normalised
+                full = tf.matmul(full - tf.constant(whitening[0]), tf.constant(whitening[1]))
+                full = _l2_normalize(full) if normalize else full
             out = {OUTPUT_NAME: full}
             for d in matryoshka_dims:
                 part = full[:, :d]
                 out[f"{OUTPUT_NAME}_{d}"] = _l2_normalize(part) if normalize else part
+            for name in list(out):
+                d = int(out[name].shape[-1]) if name != OUTPUT_NAME else out_dim
+                for p in precisions:
+                    if p in ("int8", "uint8") and n_layers is not None:
+                        continue   # calibration ranges are the full model's (see output_names)
+                    out[f"{name}_{p}"] = _tf_quantize(out[name], p, src.quantization_ranges.get(d))
             return out
 
         def tokenize_padded(self, texts: Any) -> dict[str, Any]:
@@ -214,13 +266,13 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
     text_spec = tf.TensorSpec([None], tf.string, name=INPUT_NAME)
     signatures: dict[str, Any] = {}
 
-    def signature(tower: str, prompt: RolePrompt, role: str) -> Any:
+    def signature(tower: str, prompt: RolePrompt, role: str, n_layers: int | None) -> Any:
         def serve(text):
-            return module.embed(text, tower, prompt, role)
+            return module.embed(text, tower, prompt, role, n_layers)
         return tf.function(serve, input_signature=[text_spec], autograph=False)
 
-    for name, (role, prompt) in roles.items():
-        fn = signature("query" if name == "serving_default" else role, prompt, role)
+    for name, (role, prompt, n_layers) in roles.items():
+        fn = signature(_signature_tower(name, role), prompt, role, n_layers)
         setattr(module, f"sig_{name}", fn)
         signatures[name] = fn
 
@@ -231,6 +283,15 @@ def _make_module(src: ExportSource, tokenizer: Any, *, max_length: int, platform
     signatures["tokenize"] = module.sig_tokenize
     module.signature_fns = signatures
     return module
+
+
+def _fn_key(n_layers: int | None, tower: str, length: int) -> str:
+    return f"{tower}_{length}" if n_layers is None else f"L{n_layers}_{tower}_{length}"
+
+
+def _signature_tower(name: str, role: str) -> str:
+    """The default signatures (``serving_default``, ``layers{n}``) embed with the query tower."""
+    return "query" if name == "serving_default" or name.startswith("layers") and "_" not in name else role
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -345,7 +406,8 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
 
 def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
                        platforms: Sequence[str] | str = ("cpu",), max_length: int | None = None,
-                       matryoshka_dims: Sequence[int] | None = None,
+                       matryoshka_dims: Sequence[int] | None = None, precisions: Sequence[str] = (),
+                       layers: Sequence[int] | None = None,
                        query_prompt: RolePrompt = FROM_MODEL, document_prompt: RolePrompt = FROM_MODEL,
                        role_signatures: bool | None = None, tokenizer_dir: str | os.PathLike | None = None,
                        step: int | None = None, warmup_batch_sizes: Sequence[int] | None = None,
@@ -355,6 +417,13 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
     an `ExportSource`) to `output_dir` (``BASE/VERSION``); returns the folder.
 
     `matryoshka_dims` adds ``embedding_{d}`` outputs (default: the workdir's ``loss.matryoshka_dims``).
+    `precisions` (int8, uint8, binary, ubinary) adds ``embedding_{precision}`` / ``embedding_{d}_{precision}``
+    codes, as `Encoder.encode(precision=...)` returns them (`embedjax.quantize`); int8 / uint8 need the model's
+    calibration ranges for each output dim (`Encoder.calibrate`, saved as ``quantization_ranges.json``), which
+    become constants of the graph. A model with whitening (`Encoder.fit_whitening`) is exported whitened.
+    `layers` (2D Matryoshka; default: the workdir's ``loss.matryoshka_layers``) adds a ``layers{n}`` signature
+    (and ``layers{n}_query`` / ``layers{n}_document`` with the role signatures) running only the first n encoder
+    layers, with the same outputs except int8 / uint8 (the ranges are the full model's).
     `query_prompt` / `document_prompt`: a prefix string or a `Prompt`; default the model's own (its
     sentence-transformers prompts "query" and "document" / "passage", or a workdir's training prompts).
     `role_signatures` forces the ``query`` / ``document`` signatures on or off (default: when the model has
@@ -375,21 +444,49 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
     pos_limit = getattr(cfg.encoder, "max_positions", None)
     if cfg.architecture == "bert" and max_len > min(cfg.max_length, pos_limit or cfg.max_length):
         raise ExportError(f"max_length {max_len} exceeds the model's {cfg.max_length}")
+    out_dim = cfg.embedding_dim if src.whitening is None else int(src.whitening[1].shape[1])
     dims = tuple(int(d) for d in (src.matryoshka_dims if matryoshka_dims is None else matryoshka_dims))
-    bad = [d for d in dims if not 1 <= d < cfg.embedding_dim]
+    bad = [d for d in dims if not 1 <= d < out_dim]
     if bad:
-        raise ExportError(f"matryoshka_dims {bad} must be in [1, {cfg.embedding_dim - 1}] "
-                          f"(the full {cfg.embedding_dim} is the 'embedding' output)")
+        raise ExportError(f"matryoshka_dims {bad} must be in [1, {out_dim - 1}] "
+                          f"(the full {out_dim} is the 'embedding' output)")
     dims = tuple(sorted(set(dims), reverse=True))
+    precisions = tuple(dict.fromkeys(str(p) for p in precisions))
+    from embedjax.quantize import PRECISIONS
+    bad_p = [p for p in precisions if p not in PRECISIONS or p == "float32"]
+    if bad_p:
+        raise ExportError(f"precisions {bad_p}: choose from int8, uint8, binary, ubinary (float32 is always "
+                          "there)")
+    if any(p in ("int8", "uint8") for p in precisions):
+        missing = [d for d in (out_dim, *dims) if d not in src.quantization_ranges]
+        if missing:
+            raise ExportError(f"int8 / uint8 outputs need calibration ranges for dims {missing}; the model has "
+                              f"them for {sorted(src.quantization_ranges) or 'none'} (Encoder.calibrate(texts, "
+                              f"dims=[...]) then save, or embedjax encode --calibrate)")
+    from embedjax.models.dual_encoder import num_layers
+    n_total = num_layers(cfg)
+    sub_layers = tuple(sorted(set(int(n) for n in (src.matryoshka_layers if layers is None else layers))))
+    bad_l = [n for n in sub_layers if not 1 <= n < n_total]
+    if bad_l:
+        raise ExportError(f"layers {bad_l} must be in [1, {n_total - 1}] (the model has {n_total} layers; the "
+                          "full model is serving_default)")
+    if sub_layers and src.whitening is not None:
+        raise ExportError("layers: the whitening was fitted on the full model's embeddings, not on a "
+                          "sub-network's; export the sub-network on its own (Encoder.truncated(n))")
     qp = src.query_prompt if query_prompt is FROM_MODEL else query_prompt
     dp = src.document_prompt if document_prompt is FROM_MODEL else document_prompt
     with_roles = bool(qp) or bool(dp) or not cfg.shared_towers
     if role_signatures is not None:
         with_roles = bool(role_signatures)
-    roles: dict[str, tuple[str, RolePrompt]] = {"serving_default": ("query", None)}
+    roles: dict[str, tuple[str, RolePrompt, int | None]] = {"serving_default": ("query", None, None)}
     if with_roles:
-        roles["query"] = ("query", qp or None)
-        roles["document"] = ("document", dp or None)
+        roles["query"] = ("query", qp or None, None)
+        roles["document"] = ("document", dp or None, None)
+    for n in sub_layers:
+        roles[f"layers{n}"] = ("query", None, n)
+        if with_roles:
+            roles[f"layers{n}_query"] = ("query", qp or None, n)
+            roles[f"layers{n}_document"] = ("document", dp or None, n)
     warm_sizes = tuple(int(s) for s in (warmup_batch_sizes if warmup_batch_sizes is not None
                                         else batching.allowed_batch_sizes))
     if any(s < 1 for s in warm_sizes):
@@ -403,14 +500,15 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
                      src.name or "<encoder>", cfg.architecture, cfg.embedding_dim, max_len,
                      bucket_lengths(max_len), ",".join(platforms), ", ".join(roles))
             module = _make_module(src, tokenizer, max_length=max_len, platforms=platforms,
-                                  matryoshka_dims=dims, roles=roles)
+                                  matryoshka_dims=dims, roles=roles, precisions=precisions,
+                                  layers=sub_layers)
             _trace_model_fns(module, show_progress)
             tf.saved_model.save(module, str(tmp), signatures=module.signature_fns,
                                 options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
         extra = tmp / "assets.extra"
         extra.mkdir(exist_ok=True)
         requests = []
-        for name, (role, prompt) in roles.items():
+        for name, (role, prompt, _) in roles.items():
             texts = warmup_texts(src.tokenizer, max_len, prompt, role)
             for _, text in sorted(texts.items()):
                 requests += [(name, [text] * s) for s in warm_sizes]
@@ -423,13 +521,20 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
             "format": "embedjax-saved-model/1",
             "source": src.name, "checkpoint_step": src.step,
             "architecture": cfg.architecture, "model_config": cfg.to_dict(),
-            "embedding_dim": cfg.embedding_dim, "normalized": bool(cfg.head.normalize),
+            "embedding_dim": out_dim, "normalized": bool(cfg.head.normalize),
             "max_length": max_len, "length_buckets": list(bucket_lengths(max_len)),
-            "platforms": list(platforms), "matryoshka_dims": list(dims),
+            "platforms": list(platforms), "matryoshka_dims": list(dims), "precisions": list(precisions),
+            "matryoshka_layers": list(sub_layers),
+            "whitening": None if src.whitening is None else {"input_dim": cfg.embedding_dim, "output_dim": out_dim},
+            "quantization_ranges": {str(d): src.quantization_ranges[d].tolist() for d in (out_dim, *dims)
+                                    if d in src.quantization_ranges and any(p in ("int8", "uint8")
+                                                                            for p in precisions)},
             "input": {"name": INPUT_NAME, "dtype": "string", "shape": [-1]},
-            "outputs": [OUTPUT_NAME] + [f"{OUTPUT_NAME}_{d}" for d in dims],
-            "signatures": {name: {"role": role, "tower": "query" if name == "serving_default" else role,
-                                  "prompt": _describe_prompt(p, role)} for name, (role, p) in roles.items()},
+            "outputs": output_names(dims, out_dim, precisions),
+            "signatures": {name: {"role": role, "tower": _signature_tower(name, role), "layers": n or n_total,
+                                  "prompt": _describe_prompt(p, role),
+                                  "outputs": output_names(dims, out_dim, precisions, scalar=n is None)}
+                           for name, (role, p, n) in roles.items()},
             "tokenizer": {"kind": tokenizer.spec.kind, "file": Path(tokenizer.spec.vocab_file).name,
                           "pad_id": tokenizer.spec.pad_id},
             "warmup": {"file": f"assets.extra/{WARMUP_FILE}", "records": n_warm,

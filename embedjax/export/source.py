@@ -46,14 +46,20 @@ class ExportSource:
     st_prompts: dict[str, str] = dataclasses.field(default_factory=dict)  # sentence-transformers prompts
     hf_config: dict | None = None
     step: int | None = None                # checkpoint step, when read from one
+    whitening: tuple[np.ndarray, np.ndarray] | None = None   # (mean [D], matrix [D, k]) of `Encoder.fit_whitening`
+    quantization_ranges: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # dim -> [2, dim]
+    matryoshka_layers: tuple[int, ...] = ()  # 2D Matryoshka layer counts the model was trained with
 
     def encoder(self) -> Any:
         """An `embedjax.Encoder` over the same params and tokenizer (the JAX reference)."""
         from embedjax.encoder import Encoder
 
         prompt = self.query_prompt if isinstance(self.query_prompt, Prompt) else None
-        return Encoder(self.config, self.params, self.tokenizer, name=self.name, prompts=self.st_prompts,
-                       hf_config=self.hf_config, prompt=prompt)
+        enc = Encoder(self.config, self.params, self.tokenizer, name=self.name, prompts=self.st_prompts,
+                      hf_config=self.hf_config, prompt=prompt)
+        enc.whitening = self.whitening
+        enc.quantization_ranges = dict(self.quantization_ranges)
+        return enc
 
 
 def format_text(prompt: RolePrompt, role: str, text: str) -> str:
@@ -121,7 +127,9 @@ def _from_encoder(enc: Any, model_dir: Path | None) -> ExportSource:
             tdir = None
     return ExportSource(config=enc.config, params=enc.params, tokenizer=enc.tokenizer, tokenizer_dir=tdir,
                         query_prompt=prompts.get("query") or None, document_prompt=doc or None,
-                        name=enc.name, st_prompts=prompts, hf_config=getattr(enc, "_hf_config", None))
+                        name=enc.name, st_prompts=prompts, hf_config=getattr(enc, "_hf_config", None),
+                        whitening=getattr(enc, "whitening", None),
+                        quantization_ranges=dict(getattr(enc, "quantization_ranges", {}) or {}))
 
 
 def _read_workdir_config(workdir: Path) -> Any:
@@ -144,6 +152,7 @@ def _from_workdir(workdir: Path, *, step: int | None, use_final: bool | None) ->
     cfg = _read_workdir_config(workdir)
     prompt = _training_prompt(cfg)
     dims = tuple(int(d) for d in (cfg.loss.get("matryoshka_dims") or ()))
+    layers = tuple(int(n) for n in (cfg.loss.get("matryoshka_layers") or ()))
     tok_ref = cfg.get("tokenizer") or cfg.get("init_from") or ""
     tdir = None
     if tok_ref:
@@ -167,6 +176,7 @@ def _from_workdir(workdir: Path, *, step: int | None, use_final: bool | None) ->
         src.query_prompt = src.query_prompt or (prompt if prompt else None)
         src.document_prompt = src.document_prompt or (prompt if prompt else None)
         src.matryoshka_dims = dims
+        src.matryoshka_layers = layers
         src.name = str(workdir)
         return src
     if not has_ckpt:
@@ -176,7 +186,7 @@ def _from_workdir(workdir: Path, *, step: int | None, use_final: bool | None) ->
         tdir = Path(model_dir)
     return ExportSource(config=model_cfg, params=params, tokenizer=tokenizer, tokenizer_dir=tdir,
                         query_prompt=prompt, document_prompt=prompt, matryoshka_dims=dims,
-                        name=f"{workdir}@{step}", step=step)
+                        matryoshka_layers=layers, name=f"{workdir}@{step}", step=step)
 
 
 def restore_params(workdir: Path, cfg: Any,
