@@ -372,15 +372,17 @@ def test_exit_states_equal_the_truncated_decoder(kind):
     enc = DecoderConfig.from_hf(_hf_config(kind, "causal", num_hidden_layers=4, **(
         {"layer_types": [_SLIDING, _FULL, _SLIDING, _SLIDING]} if kind == "gemma3" else {})).to_dict())
     cfg = ModelConfig("decoder", enc, HeadConfig(pooling="lasttoken", normalize=True), max_length=16)
-    params = init_params(cfg, jax.random.key(1))
+    params = jax.jit(lambda key: init_params(cfg, key))(jax.random.key(1))   # jitted: eager init is slow
     ids, mask = _batch("left")
-    both = DualEncoder(cfg).apply({"params": params}, ids, mask, exit_layers=(1, 3))
-    full, after1, after3 = split_exits(both, 2)
-    np.testing.assert_allclose(full, DualEncoder(cfg).apply({"params": params}, ids, mask), atol=1e-6)
+
+    def run(c, p, exits=()):
+        return jax.jit(lambda p: DualEncoder(c).apply({"params": p}, ids, mask, exit_layers=exits))(p)
+    full, after1, after3 = split_exits(run(cfg, params, (1, 3)), 2)
+    np.testing.assert_allclose(full, run(cfg, params), atol=1e-6)
     for n, part in ((1, after1), (3, after3)):
         sub_cfg, sub_params = truncate_layers(cfg, params, n)
         assert sub_cfg.encoder.layer_types == enc.layer_types[:n]
-        np.testing.assert_allclose(part, DualEncoder(sub_cfg).apply({"params": sub_params}, ids, mask), atol=1e-6)
+        np.testing.assert_allclose(part, run(sub_cfg, sub_params), atol=1e-6)
         assert np.abs(np.asarray(part[:-1]) - np.asarray(full[:-1])).max() > 1e-3   # another network
 
 
@@ -400,7 +402,7 @@ def test_latent_attention_head_pools_without_seeing_padding_and_trains():
     from embedjax.models.dual_encoder import DualEncoder, LatentAttentionPooling, init_params
 
     cfg = _latent_cfg(latent_mlp_dim=24)
-    params = init_params(cfg, jax.random.key(0))
+    params = jax.jit(lambda key: init_params(cfg, key))(jax.random.key(0))
     la = params["tower"]["latent_attention"]
     assert la["latents"].shape == (8, 32) and la["wi"]["kernel"].shape == (32, 24)
     assert la["query"]["kernel"].shape == la["key"]["kernel"].shape == (32, 32)
@@ -412,28 +414,28 @@ def test_latent_attention_head_pools_without_seeing_padding_and_trains():
     assert names["['latents']"] == ("latents", "embed") and names["['query']['kernel']"] == ("embed", "heads")
     assert all(n for n in names.values())
 
-    head = LatentAttentionPooling(cfg.head)
+    apply = jax.jit(LatentAttentionPooling(cfg.head).apply)
     rng = np.random.default_rng(0)
     hidden = jnp.asarray(rng.standard_normal((3, 7, 32)), jnp.float32)
     mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3, [0] * 5 + [1] * 2])
-    out = head.apply({"params": la}, hidden, mask)
+    out = apply({"params": la}, hidden, mask)
     assert out.shape == (3, 32) and np.isfinite(np.asarray(out)).all()
     junk = jnp.where(mask[..., None] > 0, hidden, 1e3 * jnp.asarray(rng.standard_normal((3, 7, 32)), jnp.float32))
-    np.testing.assert_allclose(head.apply({"params": la}, junk, mask), out, atol=1e-6)   # padding is not seen
-    np.testing.assert_allclose(head.apply({"params": la}, hidden[1:2, :4], mask[1:2, :4]), out[1:2], atol=1e-6)
-    np.testing.assert_allclose(head.apply({"params": la}, hidden[2:, 5:], mask[2:, 5:]), out[2:], atol=1e-6)
+    np.testing.assert_allclose(apply({"params": la}, junk, mask), out, atol=1e-6)   # padding is not seen
+    np.testing.assert_allclose(apply({"params": la}, hidden[1:2, :4], mask[1:2, :4]), out[1:2], atol=1e-6)
+    np.testing.assert_allclose(apply({"params": la}, hidden[2:, 5:], mask[2:, 5:]), out[2:], atol=1e-6)
     # the head is not mean pooling, and it depends on the latents
     mean = (hidden * mask[..., None]).sum(1) / mask.sum(1)[:, None]
     assert np.abs(np.asarray(out - mean)).max() > 1e-3
     other = dict(la, latents=la["latents"] + jnp.asarray(rng.standard_normal((8, 32)), jnp.float32))
-    assert np.abs(np.asarray(head.apply({"params": other}, hidden, mask) - out)).max() > 1e-4
+    assert np.abs(np.asarray(apply({"params": other}, hidden, mask) - out)).max() > 1e-4
 
     ids = jnp.asarray(rng.integers(3, V, size=(2, 6)), jnp.int32)
     ids_mask = jnp.asarray([[1] * 6, [1] * 3 + [0] * 3], jnp.int32)
 
     def loss(p):
         return jnp.sum(jnp.sin(DualEncoder(cfg).apply({"params": p}, ids, ids_mask)))
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     for path in (("latent_attention", "latents"), ("latent_attention", "wo", "kernel"),
                  ("encoder", "layer_0", "query", "kernel"), ("encoder", "token_embedder", "embedding")):
         g = grads["tower"]
@@ -459,7 +461,7 @@ def test_latent_attention_settings_are_checked_and_saving_it_is_refused(tmp_path
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert "latent_num" not in dataclasses.replace(cfg, head=HeadConfig()).to_dict()["head"]
     with pytest.raises(ExportError, match="pooling 'latent_attention' has no sentence-transformers module"):
-        save_sentence_transformers(tmp_path / "out", cfg, init_params(cfg, jax.random.key(0)), None)
+        save_sentence_transformers(tmp_path / "out", cfg, jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), None)
     assert not (tmp_path / "out").exists()
 
 
