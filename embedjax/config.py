@@ -61,6 +61,10 @@ _NEEDS_SCORES = {"cosent": "data.kind='stsb' (scored pairs)", "angle": "data.kin
 _NEEDS_NEGATIVES = ("distill_kl", "margin_mse")
 
 
+# LoRA's default targets: the attention projections of every encoder family (embedjax.lora)
+LORA_TARGETS = r"/(query|key|value|attention_output)/kernel$"
+
+
 def base_config() -> ConfigDict:
     """Every key a training config may set, with defaults. Configs start from this."""
     c = ConfigDict()
@@ -127,6 +131,11 @@ def base_config() -> ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.freeze = ""
     c.grad_cache_chunks = 0                # >1: gradient caching with this many chunks per global batch
+    # LoRA (embedjax/lora.py): rank-r adapters on the Dense kernels whose path matches `targets`, the model frozen
+    c.lora = ConfigDict()
+    c.lora.rank = 0                        # 0: off (full fine-tuning)
+    c.lora.alpha = 16.0                    # adapters scaled by alpha / rank
+    c.lora.targets = LORA_TARGETS          # regex over Dense kernel paths 'tower/encoder/layer_0/query/kernel'
     # parallelism
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # evaluation / logging / checkpoints
@@ -275,6 +284,9 @@ def validate(cfg: ConfigDict) -> None:
     dims = tuple(cfg.loss.matryoshka_dims)
     if dims and list(dims) != sorted(dims, reverse=True):
         raise ConfigError(f"config: loss.matryoshka_dims must be decreasing, got {dims}")
+    if int(cfg.lora.rank) and cfg.optim.get("freeze"):
+        raise ConfigError("config: optim.freeze and lora.rank are exclusive (with LoRA the whole model is frozen "
+                          "and only the adapters train)")
     layers = tuple(cfg.loss.get("matryoshka_layers", ()))
     if layers and (any(int(n) < 1 for n in layers) or list(layers) != sorted(set(layers))):
         raise ConfigError(f"config: loss.matryoshka_layers must be increasing layer counts >= 1, got {layers}")
@@ -288,6 +300,8 @@ def check_model_fit(cfg: ConfigDict, model_cfg: Any) -> None:
     """What the config asks of the model that only the model can answer (its depth, its layer layout)."""
     from embedjax.models.dual_encoder import num_layers
 
+    if int(cfg.lora.rank) and getattr(model_cfg.encoder, "scan_layers", False):
+        raise ConfigError("config: lora.rank needs scan_layers=False (adapters are placed per layer)")
     layers = tuple(int(n) for n in cfg.loss.get("matryoshka_layers", ()))
     if not layers:
         return

@@ -25,18 +25,26 @@ class Experiment:
     loss_params: dict[str, float]
     tx: Any                      # optax.GradientTransformation
     lr_schedule: Callable        # step -> learning rate (logged by the step)
+    lora: Any = None             # embedjax.lora.LoraConfig (rank 0: off)
+
+    def model_params(self, params: dict) -> Any:
+        """The model's parameters from a train state's params (LoRA adapters merged in)."""
+        from embedjax.train_step import model_params
+
+        return model_params(params, self.lora)
 
     def abstract_state(self, model_cfg: Any) -> tuple[Any, Any]:
         """(abstract TrainState with shardings, state shardings) on this mesh; nothing allocated."""
         from embedjax.train_step import abstract_train_state
 
-        return abstract_train_state(model_cfg, self.loss_params, self.tx, self.mesh)
+        return abstract_train_state(model_cfg, self.loss_params, self.tx, self.mesh, self.lora)
 
     def create_state(self, model_cfg: Any, rng: Any, pretrained: Any = None) -> tuple[Any, Any]:
         """(TrainState on the mesh, state shardings): random init or `pretrained` model params."""
         from embedjax.train_step import create_train_state
 
-        return create_train_state(model_cfg, self.loss_params, self.tx, self.mesh, rng, pretrained=pretrained)
+        return create_train_state(model_cfg, self.loss_params, self.tx, self.mesh, rng, pretrained=pretrained,
+                                  lora=self.lora)
 
     def train_step(self, model_cfg: Any, state_shardings: Any) -> Callable:
         """step(state, batch) -> (state, metrics), jitted with donated state."""
@@ -48,7 +56,8 @@ class Experiment:
         return jit_train_step(make_train_step(model_cfg, self.objective, self.tx,
                                               grad_cache_chunks=self.config.grad_cache_chunks,
                                               lr_schedule=self.lr_schedule, seed=int(self.config.seed),
-                                              exit_layers=tuple(self.config.loss.matryoshka_layers)),
+                                              exit_layers=tuple(self.config.loss.matryoshka_layers),
+                                              lora=self.lora),
                               state_shardings, self.mesh)
 
     def batch_spec(self) -> dict[str, Any]:
@@ -77,4 +86,9 @@ def assemble(config: ConfigDict, mesh: Any) -> Experiment:
     lr = schedule(config.optim.lr, config.num_steps, config.optim.warmup_steps, config.optim.decay,
                   config.optim.end_factor)
     tx = make_optimizer(dict(config.optim), config.num_steps)
-    return Experiment(config, mesh, objective, loss_params, tx, lr)
+    from embedjax.lora import from_config
+    try:
+        lora = from_config(config)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+    return Experiment(config, mesh, objective, loss_params, tx, lr, lora)

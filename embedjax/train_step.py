@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from embedjax import lora as lora_lib
 from embedjax import sharding
 from embedjax.data.pipeline import TOWER_INPUTS
+from embedjax.lora import LoraConfig
 from embedjax.models.dual_encoder import DualEncoder, ModelConfig
 
 Objective = Callable[[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]],
@@ -29,8 +31,22 @@ log = logging.getLogger(__name__)
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: dict          # {"model": ..., "loss": {...learned loss parameters...}}
-    opt_state: Any
+    params: dict          # {"model": ..., "loss": {...learned loss parameters...}} (+ "lora": adapters)
+    opt_state: Any        # of `trainable(params)`
+
+
+def trainable(params: dict) -> dict:
+    """What the optimizer updates: everything, or with LoRA adapters ("lora") everything but the frozen model."""
+    return {k: v for k, v in params.items() if k != "model"} if "lora" in params else params
+
+
+def model_params(params: dict, lora: LoraConfig | None = None) -> Any:
+    """The model's parameters as an ordinary model uses them: with LoRA, the adapters merged into the weights."""
+    if "lora" not in params:
+        return params["model"]
+    if lora is None or not lora.enabled:
+        raise ValueError("the state holds LoRA adapters: pass the LoraConfig they were trained with")
+    return lora_lib.merge(params["model"], params["lora"], lora.scale)
 
 
 def _tree_norm(tree: Any) -> jax.Array:
@@ -39,12 +55,15 @@ def _tree_norm(tree: Any) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------- embedding
 
-def _embed_fn(model: DualEncoder, exit_layers: tuple[int, ...] = ()):
-    def embed(model_params, ids_BxL, mask_BxL, tower: str, rng: jax.Array | None = None) -> jax.Array:
+def _embed_fn(model: DualEncoder, exit_layers: tuple[int, ...] = (), lora: LoraConfig | None = None):
+    """embed(params, ids, mask, tower, rng=None): `params` is {"model": ...} (+ "lora": adapters)."""
+    def embed(params, ids_BxL, mask_BxL, tower: str, rng: jax.Array | None = None) -> jax.Array:
         # a "dropout" rng turns the encoder's dropout on (layers.dropout); without one it is deterministic
         rngs = {} if rng is None else {"dropout": rng}
-        return model.apply({"params": model_params}, ids_BxL, mask_BxL, tower=tower, rngs=rngs,
-                           exit_layers=exit_layers)
+        kw = dict(tower=tower, rngs=rngs, exit_layers=exit_layers)
+        if "lora" in params:
+            return lora_lib.apply(model, params["model"], params["lora"], lora.scale, ids_BxL, mask_BxL, **kw)
+        return model.apply({"params": params["model"]}, ids_BxL, mask_BxL, **kw)
     return embed
 
 
@@ -131,18 +150,26 @@ def abstract_model_params(model_cfg: ModelConfig, mesh) -> Any:
                         nn.meta.unbox(boxed), shards)
 
 
-def abstract_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.GradientTransformation, mesh
-                         ) -> tuple[TrainState, TrainState]:
+def _init_adapters(lora: LoraConfig, abstract_model: Any) -> Callable[[jax.Array], dict]:
+    return lambda rng: lora_lib.init_adapters(lora, abstract_model, jax.random.fold_in(rng, 0x10A))
+
+
+def abstract_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.GradientTransformation, mesh,
+                         lora: LoraConfig | None = None) -> tuple[TrainState, TrainState]:
     """(abstract state: ShapeDtypeStructs carrying their shardings, state shardings); nothing is allocated.
-    The restore target for a checkpoint, on whatever mesh `mesh` is."""
+    The restore target for a checkpoint, on whatever mesh `mesh` is. With `lora`, the state also holds the
+    adapters (replicated: they are small) and the optimizer state is theirs and the loss's only."""
     boxed = jax.eval_shape(_model_init(model_cfg), jax.random.key(0))
     model_shards = sharding.param_shardings(boxed, mesh)
     rep = sharding.replicated(mesh)
     abstract_params = {"model": nn.meta.unbox(boxed),
                        "loss": {k: jax.ShapeDtypeStruct((), jnp.float32) for k in loss_params}}
     params_shards = {"model": model_shards, "loss": {k: rep for k in loss_params}}
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shards = opt_state_shardings(abstract_opt, abstract_params, params_shards, mesh)
+    if lora is not None and lora.enabled:
+        abstract_params["lora"] = jax.eval_shape(_init_adapters(lora, abstract_params["model"]), jax.random.key(0))
+        params_shards["lora"] = jax.tree.map(lambda _: rep, abstract_params["lora"])
+    abstract_opt = jax.eval_shape(tx.init, trainable(abstract_params))
+    opt_shards = opt_state_shardings(abstract_opt, trainable(abstract_params), trainable(params_shards), mesh)
     shards = TrainState(step=rep, params=params_shards, opt_state=opt_shards)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt)
     # `shards` is a prefix of `abstract` (one sharding may stand for an empty optimizer-state node)
@@ -153,11 +180,12 @@ def abstract_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Gr
 
 
 def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.GradientTransformation, mesh,
-                       rng: jax.Array, pretrained: dict | None = None
+                       rng: jax.Array, pretrained: dict | None = None, lora: LoraConfig | None = None
                        ) -> tuple[TrainState, TrainState]:
     """Abstract first: shapes -> shardings -> jitted init with out_shardings. Returns (state, state_shardings).
-    `pretrained` (the DualEncoder params tree, e.g. from Encoder.load) replaces the random init."""
-    abstract, shards = abstract_train_state(model_cfg, loss_params, tx, mesh)
+    `pretrained` (the DualEncoder params tree, e.g. from Encoder.load) replaces the random init. `lora`: fresh
+    adapters beside the (frozen) model."""
+    abstract, shards = abstract_train_state(model_cfg, loss_params, tx, mesh, lora)
     abstract_model, model_shards = abstract.params["model"], shards.params["model"]
 
     if pretrained is not None:
@@ -196,7 +224,9 @@ def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Grad
 
     loss_params = {k: jnp.asarray(v, jnp.float32) for k, v in loss_params.items()}
     params = {"model": model_params, "loss": jax.device_put(loss_params, shards.params["loss"])}
-    opt_state = jax.jit(tx.init, out_shardings=shards.opt_state)(params)
+    if "lora" in abstract.params:
+        params["lora"] = jax.jit(_init_adapters(lora, abstract_model), out_shardings=shards.params["lora"])(rng)
+    opt_state = jax.jit(tx.init, out_shardings=shards.opt_state)(trainable(params))
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shards.step), params=params,
                        opt_state=opt_state)
     return state, shards
@@ -205,8 +235,11 @@ def create_train_state(model_cfg: ModelConfig, loss_params: dict, tx: optax.Grad
 # --------------------------------------------------------------------------------------------- step
 
 def make_loss_and_grads(model_cfg: ModelConfig, objective: Objective, *, grad_cache_chunks: int = 0,
-                        exit_layers: tuple[int, ...] = ()) -> Callable[..., tuple[jax.Array, dict, dict]]:
+                        exit_layers: tuple[int, ...] = (), lora: LoraConfig | None = None
+                        ) -> Callable[..., tuple[jax.Array, dict, dict]]:
     """(params, batch, rng=None) -> (loss, metrics, grads). `rng`: the step's dropout key (None: no dropout).
+    `grads` are those of `trainable(params)`: with LoRA adapters in `params`, of the adapters and the loss's
+    parameters only (the frozen model is a constant of the differentiated function).
 
     `exit_layers` (2D Matryoshka): every embedding the objective sees is the full model's followed by those
     after each of these layer counts, concatenated on the last axis (`objectives.two_d_matryoshka` splits them),
@@ -217,25 +250,30 @@ def make_loss_and_grads(model_cfg: ModelConfig, objective: Objective, *, grad_ca
     (with the same dropout keys, so the recomputed chunk is the one the loss saw).
     """
     model = DualEncoder(model_cfg)
-    embed = _embed_fn(model, tuple(exit_layers))
+    embed_full = _embed_fn(model, tuple(exit_layers), lora)
 
-    def forward_all(model_params, batch, rng):
+    def forward_all(p, batch, rng):
         embs = {}
         for i, (key, prefix, tower) in enumerate(_towers(batch)):
             ids, lead = _flat(batch[f"{prefix}_ids"])
             mask, _ = _flat(batch[f"{prefix}_mask"])
-            embs[key] = embed(model_params, ids, mask, tower, _tower_rng(rng, i)).reshape(*lead, -1)
+            embs[key] = embed_full(p, ids, mask, tower, _tower_rng(rng, i)).reshape(*lead, -1)
         return embs
 
     def plain(params, batch, rng=None):
-        def total(p):
-            return objective(forward_all(p["model"], batch, rng), p["loss"], batch)
-        (loss, metrics), grads = jax.value_and_grad(total, has_aux=True)(params)
+        def total(t):
+            p = {**params, **t}
+            return objective(forward_all(p, batch, rng), p["loss"], batch)
+        (loss, metrics), grads = jax.value_and_grad(total, has_aux=True)(trainable(params))
         return loss, metrics, grads
 
     def cached(params, batch, rng=None):
         n = grad_cache_chunks
-        mp = params["model"]
+        part = "lora" if "lora" in params else "model"   # the differentiated part of the model
+
+        def embed(d, *args):
+            return embed_full({**params, part: d}, *args)
+        mp = params[part]
         embs, inputs = {}, {}
         for i, (key, prefix, tower) in enumerate(_towers(batch)):
             ids, lead = _flat(batch[f"{prefix}_ids"])
@@ -265,26 +303,27 @@ def make_loss_and_grads(model_cfg: ModelConfig, objective: Objective, *, grad_ca
                 return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
 
             g_model, _ = jax.lax.scan(body, g_model, (ids_c, mask_c, g_c, keys_c))
-        return loss, metrics, {"model": g_model, "loss": g_loss}
+        return loss, metrics, {part: g_model, "loss": g_loss}
 
     return cached if grad_cache_chunks and grad_cache_chunks > 1 else plain
 
 
 def make_train_step(model_cfg: ModelConfig, objective: Objective, tx: optax.GradientTransformation, *,
                     grad_cache_chunks: int = 0, lr_schedule: Callable[[jax.Array], jax.Array] | None = None,
-                    seed: int = 0, exit_layers: tuple[int, ...] = ()
+                    seed: int = 0, exit_layers: tuple[int, ...] = (), lora: LoraConfig | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (new_state, metrics); jit it with `jit_train_step`. With a dropout rate
     in `model_cfg`, step n draws its dropout masks from key(seed) folded with n (so a resumed run repeats them)."""
     compute = make_loss_and_grads(model_cfg, objective, grad_cache_chunks=grad_cache_chunks,
-                                  exit_layers=exit_layers)
+                                  exit_layers=exit_layers, lora=lora)
     dropout_on = float(getattr(model_cfg.encoder, "dropout_rate", 0.0)) > 0.0
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.key(seed), state.step) if dropout_on else None
         loss, metrics, grads = compute(state.params, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        t = trainable(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, t)
+        params = {**state.params, **optax.apply_updates(t, updates)}   # a frozen model passes through
         metrics = dict(metrics)
         metrics.update(loss=loss, grad_norm=_tree_norm(grads), param_norm=_tree_norm(params["model"]),
                        update_norm=_tree_norm(updates))

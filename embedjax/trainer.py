@@ -200,8 +200,10 @@ class Run:
     eval_metrics: dict[str, float] | None = None   # this step's evaluation, if one ran
     results: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preempted": False})
 
+    model_params: Callable[[dict], Any] = lambda params: params["model"]   # the Experiment's: LoRA merged
+
     def evaluate(self, tag: str) -> dict[str, float]:
-        return self.evaluator(tag, self.step, self.state.params["model"])
+        return self.evaluator(tag, self.step, self.model_params(self.state.params))
 
 
 class Action:
@@ -359,13 +361,24 @@ def initial_state(exp: Any, ckpt: Any, source: Any, config: ConfigDict) -> tuple
         return state, shards, data_state, start
     pretrained = source.params
     if source.run is not None:   # another run's model weights (not its optimizer state), read onto this mesh
+        from embedjax.config import read_workdir_config
+        from embedjax.lora import from_config, init_adapters, merge
+
         abstract, _ = exp.abstract_state(source.config)
+        target = {"model": abstract.params["model"]}
+        run_lora = from_config(read_workdir_config(source.run[0]))
+        if run_lora.enabled:   # that run trained adapters beside a frozen model: start from the merged model
+            rep = sharding.replicated(exp.mesh)
+            target["lora"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                          jax.eval_shape(lambda r: init_adapters(run_lora, target["model"], r),
+                                                         jax.random.key(0)))
         src = Checkpointer(source.run[0] / "checkpoints", read_only=True)
         try:
-            restored, src_step = src.restore_subtree({"params": {"model": abstract.params["model"]}}, source.run[1])
+            restored, src_step = src.restore_subtree({"params": target}, source.run[1])
         finally:
             src.close()
-        pretrained = restored["params"]["model"]
+        got = restored["params"]
+        pretrained = merge(got["model"], got["lora"], run_lora.scale) if run_lora.enabled else got["model"]
         log.info("starting from %s step %d (model weights; fresh optimizer state, step 0)", source.run[0], src_step)
     elif config.init_from:
         log.info("starting from pretrained %s", config.init_from)
@@ -443,11 +456,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
         train_iter.set_state(data_state)
     source.params = None   # the pretrained host copy is no longer needed
 
-    encoder = Encoder(source.config, state.params["model"], source.tokenizer, name=str(workdir), mesh=mesh,
+    encoder = Encoder(source.config, exp.model_params(state.params), source.tokenizer, name=str(workdir), mesh=mesh,
                       prompt=prompt_from_config(config.data.query_prompt, config.data.document_prompt))
     writer = MetricWriter(workdir)
     run = Run(config, mesh, workdir, ckpt, writer, _evaluation(config, encoder, writer), state, start, start,
-              last_ckpt=start or None)
+              last_ckpt=start or None, model_params=exp.model_params)
     stopper = StopWhenAsked(stop_requested)
     actions = [LogMetrics(config), stopper, EvaluateEvery(config.eval.every_steps), CheckpointEvery(config, stopper)]
     timing = run.results.setdefault("timing", {})
@@ -485,7 +498,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
         stopper.finish(run)
         writer.close()
     if run.step >= config.num_steps and config.export_final and lead:
-        encoder.params = run.state.params["model"]
+        encoder.params = exp.model_params(run.state.params)
         if "://" in str(workdir):
             import tempfile
             with tempfile.TemporaryDirectory() as tmp:

@@ -200,6 +200,7 @@ def restore_params(workdir: Path, cfg: Any,
 
     from embedjax import sharding
     from embedjax.checkpoint import Checkpointer
+    from embedjax.lora import from_config, init_adapters, merge
     from embedjax.train_step import abstract_model_params
     from embedjax.models.source import resolve
 
@@ -212,12 +213,20 @@ def restore_params(workdir: Path, cfg: Any,
             raise ExportError(f"{workdir / 'checkpoints'}: no checkpoint")
         mesh = sharding.single_device_mesh()
         abstract_model = abstract_model_params(model_cfg, mesh)
+        target = {"model": abstract_model}
+        lora = from_config(cfg)
+        if lora.enabled:   # adapters trained beside the frozen model: read them too, then merge
+            target["lora"] = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
+                jax.eval_shape(lambda r: init_adapters(lora, abstract_model, r), jax.random.key(0)))
         try:   # the model's params only: no optimizer is built and its state is never read
-            state, step = ckpt.restore_subtree({"params": {"model": abstract_model}}, step=step)
+            state, step = ckpt.restore_subtree({"params": target}, step=step)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise ExportError(f"{workdir / 'checkpoints'}: cannot restore step {step} "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     finally:
         ckpt.close()
-    params = jax.tree.map(lambda x: np.asarray(x), state["params"]["model"])
+    restored = state["params"]
+    merged = merge(restored["model"], restored["lora"], lora.scale) if lora.enabled else restored["model"]
+    params = jax.tree.map(lambda x: np.asarray(x), merged)
     return model_cfg, params, tokenizer, Path(model_dir), int(step)
