@@ -268,6 +268,9 @@ def validate(cfg: ConfigDict) -> None:
         raise ConfigError("config: loss.temperature, loss.teacher_temperature and loss.sigmoid_t must be > 0")
     if not cfg.init_from and not cfg.model_config:
         raise ConfigError("config: set init_from (a pretrained model) or model_config (from scratch)")
+    if not cfg.init_from and "architecture" not in cfg.model_config:
+        raise ConfigError("config: model_config has no architecture, so it cannot build a model from scratch; it "
+                          "holds settings for a pretrained model: set init_from (a model folder or hub id)")
     if cfg.batch_size < 1 or cfg.num_steps < 0:
         raise ConfigError(f"config: batch_size must be >= 1 and num_steps >= 0 (got {cfg.batch_size}, {cfg.num_steps})")
     if cfg.grad_cache_chunks and cfg.batch_size % cfg.grad_cache_chunks:

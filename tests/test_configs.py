@@ -6,7 +6,8 @@ import pytest
 from embedjax.config import ConfigError, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.py"))
-VARIANTS = {"gtr.py": [None, "tiny", "xxl"], "gecko.py": [None, "tiny"], "sentence_t5.py": ["base", "xxl"]}
+VARIANTS = {"gtr.py": [None, "tiny", "xxl"], "gecko.py": [None, "tiny"], "sentence_t5.py": ["base", "xxl"],
+            "qwen3_lora.py": [None, "full"], "gemma3_lora.py": [None, "full"]}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

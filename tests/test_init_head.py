@@ -89,7 +89,7 @@ def test_separate_towers_start_from_the_one_pretrained_tower(tiny_bert_dir):
 
 
 @pytest.mark.parametrize("model_config,message", [
-    ({"encoder": {"num_layers": 2}}, "model_config.encoder cannot be set with init_from"),
+    ({"encoder": {"num_layers": 2}}, "model_config.encoder.num_layers cannot be set with init_from"),
     ({"head": {"pooling": "weighted"}}, "model_config.head: pooling 'weighted' is not supported"),
     ({"head": {"projection": 8}}, "model_config.head.projection is not a head setting"),
 ])

@@ -16,7 +16,10 @@ name           query                                      document
 ``e5``         ``query: {text}``                          ``passage: {doc}``
 ``gecko``      ``task: {task} | query: {text}``            ``title: {title} | text: {text}`` (title "none")
 ``instructor`` ``{instruction} {text}``                   ``{instruction} {doc}``
+``qwen3``      ``Instruct: {task}\nQuery: {text}``        ``{doc}`` (Qwen3-Embedding; also E5-instruct)
 =============  =========================================  ==================================================
+
+EmbeddingGemma's prompts are ``gecko``'s (``task: search result | query: ...``, ``title: none | text: ...``).
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ class Prompt:
         return None
 
 
-PRESETS = ("none", "e5", "gecko", "instructor")
+PRESETS = ("none", "e5", "gecko", "instructor", "qwen3")
 
 
 def prompt_from_config(query_prompt: str = "", document_prompt: str = "") -> Prompt | None:
@@ -199,6 +202,11 @@ def prompt_preset(
         return Prompt(
             "task: {task} | query: {text}", "title: {title} | text: {text}", task=task, empty_title="none"
         )
+    if name == "qwen3":
+        if not task:
+            raise ValueError("the 'qwen3' prompt needs a task instruction, e.g. task='Given a web search query, "
+                             "retrieve relevant passages that answer the query'")
+        return Prompt("Instruct: {task}\nQuery: {text}", "{doc}", task=task)
     if name == "instructor":
         if not query_instruction or not document_instruction:
             raise ValueError(

@@ -11,6 +11,10 @@
   ``FastBertTokenizer``'s own normaliser is not used: it applies compatibility folding (``µ`` -> ``μ``,
   ``…`` -> ``...``, ``²`` -> ``2``) that the HF tokenizer does not.
 * SentencePiece (T5 family): ``seqio.SentencePieceVocabulary`` on the folder's ``spiece.model``.
+* Any other Hugging Face fast tokenizer (byte-level BPE: Qwen3, RoBERTa, ModernBERT): `HFTokenizerVocabulary`,
+  the tokenizer itself (the Rust ``tokenizers`` library) called from the input pipeline through
+  ``tf.py_function``: the ids are the model's by construction, for training; it is not a graph op, so such a
+  model cannot be exported with the tokenizer inside a SavedModel (`TFTokenizer` refuses it).
 
 Special tokens and truncation (`encode_tf`) follow the Hugging Face tokenizer of the same folder: the ids it
 puts before and after a text (``[CLS] ... [SEP]`` for BERT, ``... </s>`` for T5) are read from it, and a text
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import seqio
 import tensorflow as tf
 import tensorflow_text as tf_text
@@ -67,7 +72,7 @@ TokenizerMismatchError = errors.TokenizerMismatchError   # defined in embedjax/e
 class TokenizerSpec:
     """Everything needed to rebuild a model's tokenizer in TF (read from its folder by `tokenizer_spec`)."""
 
-    kind: Literal["wordpiece", "sentencepiece"]
+    kind: Literal["wordpiece", "sentencepiece", "hf"]
     tokenizer_dir: str
     vocab_file: str  # vocab.txt / tokenizer.json (WordPiece) or the .model (SentencePiece)
     prefix_ids: tuple[int, ...] = ()  # special ids before the text ([CLS])
@@ -191,10 +196,16 @@ def tokenizer_spec(model_dir: str | os.PathLike) -> TokenizerSpec:
         return TokenizerSpec(
             "sentencepiece", str(tdir), str(sp_file), prefix, suffix, pad_id, sp.get_piece_size(), model_vocab
         )
+    if tj is not None and getattr(hf, "is_fast", False):   # byte-level BPE and the like: the tokenizer itself
+        return TokenizerSpec("hf", str(tdir), str(tok_json), prefix, suffix, pad_id, len(hf), model_vocab)
     raise NotImplementedError(
         f"{tdir}: tokenizer model {model_type!r} is not supported (WordPiece with vocab.txt / "
-        "tokenizer.json, or SentencePiece with spiece.model)"
+        "tokenizer.json, SentencePiece with spiece.model, or a fast tokenizer's tokenizer.json)"
     )
+
+
+def _model_type(tokenizer_json: str | os.PathLike) -> str:
+    return json.loads(Path(tokenizer_json).read_text(encoding="utf-8")).get("model", {}).get("type", "?")
 
 
 def _wordpiece_vocab_list(vocab_file: str | os.PathLike) -> list[str]:
@@ -342,14 +353,69 @@ class SpecSentencePieceVocabulary(seqio.SentencePieceVocabulary):
         super().__init__(spec.vocab_file, extra_ids=0)
 
 
+class HFTokenizerVocabulary(seqio.Vocabulary):
+    """The folder's Hugging Face fast tokenizer as a seqio Vocabulary (ids without special tokens; see
+    `encode_tf`), run by ``tf.py_function`` in the input pipeline: exact by construction, not a graph op."""
+
+    def __init__(self, spec: TokenizerSpec):
+        if spec.kind != "hf":
+            raise ValueError(f"HFTokenizerVocabulary needs an hf spec, got {spec.kind!r}")
+        self.spec = spec
+        self._hf = _hf_tokenizer(Path(spec.tokenizer_dir))
+        super().__init__(extra_ids=0)
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self.spec.vocab_size
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._hf.eos_token_id
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._hf.unk_token_id
+
+    def _encode(self, s: str) -> list[int]:
+        return list(self._hf(s, add_special_tokens=False)["input_ids"])
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._hf.decode(list(ids))
+
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        def encode(texts):
+            batch = [t.decode("utf-8", "replace") for t in texts.numpy().reshape(-1)]
+            ids = self._hf(batch, add_special_tokens=False)["input_ids"] if batch else []
+            lengths = np.array([len(x) for x in ids], np.int64)
+            flat = np.array([i for x in ids for i in x], np.int32)
+            return flat, lengths
+
+        scalar = s.shape.rank == 0
+        texts = tf.reshape(s, [-1])
+        flat, lengths = tf.py_function(encode, [texts], (tf.int32, tf.int64))
+        flat.set_shape([None])
+        lengths.set_shape([None])
+        out = tf.RaggedTensor.from_row_lengths(flat, lengths)
+        return out[0] if scalar else out
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError("HFTokenizerVocabulary decodes in Python only (decode)")
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, HFTokenizerVocabulary) and other.spec == self.spec
+
+
 # ------------------------------------------------------------------------------------------- public helpers
-ModelVocabulary = WordPieceVocabulary | SpecSentencePieceVocabulary
+ModelVocabulary = WordPieceVocabulary | SpecSentencePieceVocabulary | HFTokenizerVocabulary
 
 
 def make_vocabulary(spec: TokenizerSpec) -> ModelVocabulary:
-    """The seqio Vocabulary for a spec (WordPiece or SentencePiece); ``vocab.spec`` is the spec."""
+    """The seqio Vocabulary for a spec (WordPiece, SentencePiece, or the HF tokenizer itself); ``vocab.spec`` is
+    the spec."""
     if spec.kind == "wordpiece":
         return WordPieceVocabulary(spec)
+    if spec.kind == "hf":
+        return HFTokenizerVocabulary(spec)
     return SpecSentencePieceVocabulary(spec)
 
 
@@ -418,6 +484,11 @@ class TFTokenizer(tf.Module):
         self, model_dir: str | os.PathLike, max_length: int, *, check: bool = True, name: str | None = None
     ):
         super().__init__(name=name)
+        spec = tokenizer_spec(model_dir)
+        if spec.kind == "hf":
+            raise NotImplementedError(
+                f"{spec.vocab_file}: a {_model_type(spec.vocab_file)} tokenizer has no TensorFlow graph form here "
+                "(only WordPiece and SentencePiece do), so it cannot be put inside a SavedModel")
         self.vocab = load_vocabulary(model_dir, check=check)
         self.spec = self.vocab.spec
         self.max_length = int(max_length)

@@ -25,7 +25,10 @@ from embedjax.errors import ConfigError
 from embedjax.models.dual_encoder import HeadConfig, ModelConfig, tower_params
 from embedjax.models.layers import stack_layers
 
-HEAD_KEYS = ("head", "shared_towers", "max_length")   # what model_config may change on top of init_from
+HEAD_KEYS = ("head", "shared_towers", "max_length", "encoder")   # what model_config may change on top of init_from
+# encoder settings model_config may change on a pretrained checkpoint (the weights stay valid): a decoder LLM's
+# attention mode, causal as pretrained or bidirectional as Gecko / EmbeddingGemma train it
+ENCODER_KEYS = ("attention",)
 
 
 @dataclasses.dataclass
@@ -76,6 +79,19 @@ def with_head(cfg: ModelConfig, overrides: dict[str, Any], source: str) -> Model
     if bad:
         raise ConfigError(f"config: model_config.{bad[0]} cannot be set with init_from {source!r}: the checkpoint "
                           f"defines the encoder; with init_from, model_config may set {', '.join(HEAD_KEYS)}")
+    enc_over = dict(overrides.get("encoder") or {})
+    fields = {f.name for f in dataclasses.fields(cfg.encoder)}
+    bad_enc = sorted(k for k in enc_over if k not in ENCODER_KEYS or k not in fields)
+    if bad_enc:
+        can = [k for k in ENCODER_KEYS if k in fields]
+        raise ConfigError(f"config: model_config.encoder.{bad_enc[0]} cannot be set with init_from {source!r}: the "
+                          f"checkpoint defines the encoder (a {cfg.architecture} encoder may change "
+                          f"{', '.join(can) or 'nothing'})")
+    if enc_over:
+        try:
+            cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **enc_over))
+        except ValueError as e:
+            raise ConfigError(f"config: model_config.encoder: {e}") from None
     head = dict(overrides.get("head") or {})
     known = {f.name for f in dataclasses.fields(HeadConfig)}
     if set(head) - known:
