@@ -232,11 +232,12 @@ def global_bytes(tree: Any) -> int:
 
 
 def activation_estimate(model_cfg, config, mesh) -> int:
-    """Per-device bytes of the activations the backward pass keeps (no rematerialisation), analytic.
+    """Per-device bytes of the activations the backward pass keeps, analytic.
 
     Per token and layer: residual stream, norm outputs, q/k/v, attention context and MLP intermediates in the
-    compute dtype, attention logits and probabilities in float32. With gradient caching only one chunk's
-    activations are live at a time."""
+    compute dtype, attention logits and probabilities in float32. With `remat_policy="full"` only each layer's
+    input is kept, plus one layer's activations while it is recomputed ("dots" is counted as no remat). With
+    gradient caching only one chunk's activations are live at a time."""
     import numpy as np
 
     from embedjax import sharding
@@ -248,6 +249,10 @@ def activation_estimate(model_cfg, config, mesh) -> int:
     if model_cfg.architecture == "t5":
         D, F, H, HK, layers = enc.d_model, enc.d_ff, enc.num_heads, enc.num_heads * enc.d_kv, enc.num_layers
         mlp_tensors = 4 if enc.is_gated else 2
+    elif model_cfg.architecture == "decoder":   # heads x head_dim need not equal the hidden size; GQA; gated MLP
+        D, F, H, layers = enc.hidden_size, enc.intermediate_size, enc.num_attention_heads, enc.num_hidden_layers
+        HK = (H + enc.num_key_value_heads) * enc.head_dim / 2   # q and context: H heads; k and v: KV heads
+        mlp_tensors = 4
     else:
         D, F, H, layers = enc.hidden_size, enc.intermediate_size, enc.num_attention_heads, enc.num_hidden_layers
         HK, mlp_tensors = D, 2
@@ -261,6 +266,8 @@ def activation_estimate(model_cfg, config, mesh) -> int:
 
     def tower_bytes(rows: float, L: int) -> float:
         per_token = b * (4 * D + 4 * HK / t + mlp_tensors * F / t) + 4 * 2 * (H / t) * L
+        if getattr(enc, "remat", "none") == "full":
+            return rows * L * (layers * b * D + per_token)
         return rows * L * layers * per_token
 
     if chunks > 1:  # gradient caching: one chunk of one tower is live in the backward pass at a time
@@ -385,7 +392,8 @@ def check(config, target: Target, *, config_name: str = "", estimate_only: bool 
     batch = exp.batch_spec()
     est = {"params": per_device_bytes(state.params), "opt_state": per_device_bytes(state.opt_state),
            "batch": per_device_bytes(batch), "activations": activation_estimate(model_cfg, config, mesh)}
-    est["grads"] = est["params"]
+    from embedjax.train_step import trainable
+    est["grads"] = per_device_bytes(trainable(state.params))   # LoRA: the adapters' (the model is frozen)
     est["gathered"] = gathered_weights_estimate(model_cfg, state.params["model"], mesh)
     est["total"] = sum(est.values())
     if compile_it:

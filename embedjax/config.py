@@ -303,6 +303,10 @@ def check_model_fit(cfg: ConfigDict, model_cfg: Any) -> None:
     """What the config asks of the model that only the model can answer (its depth, its layer layout)."""
     from embedjax.models.dual_encoder import num_layers
 
+    if model_cfg.head.pooling == "latent_attention" and cfg.export_final:
+        raise ConfigError("config: a latent_attention head cannot be written as a sentence-transformers folder "
+                          "(export_final): set export_final=False; the checkpoints hold the model, and "
+                          "`embedjax export --format saved_model` exports it")
     if int(cfg.lora.rank) and getattr(model_cfg.encoder, "scan_layers", False):
         raise ConfigError("config: lora.rank needs scan_layers=False (adapters are placed per layer)")
     layers = tuple(int(n) for n in cfg.loss.get("matryoshka_layers", ()))

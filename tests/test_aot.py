@@ -174,6 +174,34 @@ def test_activation_estimate_scales_with_batch_and_grad_cache():
     assert tp2 < tp1 < 2 * tp2
 
 
+def test_llm_lora_estimate(tmp_path):
+    """The LLM-embedder configs from a config.json alone (no weights): GQA head sizes, remat "full" keeping one
+    state per layer, LoRA's gradients being the adapters' only."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from aot_llm_lora import CONFIGS
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["qwen3"]))
+    over = [f"init_from='{tmp_path}'", "max_query_length=512"]
+    reports = {v: aot.check(load_config("configs/qwen3_lora.py" + v, over), aot.parse_topology("v5e-16"),
+                            estimate_only=True)
+               for v in ("", ":full")}
+    lora, full = reports[""], reports[":full"]
+    assert lora.num_params == full.num_params == 596_049_920
+    assert full.estimate["grads"] == full.estimate["params"]
+    assert lora.estimate["grads"] < full.estimate["params"] / 20   # rank-16 adapters of the attention kernels
+    assert lora.estimate["opt_state"] < full.estimate["opt_state"] / 20
+    mesh = aot.build_mesh({"data": 4, "fsdp": 4, "tensor": 1}, [aot._ShapeOnlyDevice(i) for i in range(16)])
+    cfg = load_config("configs/qwen3_lora.py", over)
+    mc = aot.model_config_from(cfg)
+    remat = aot.activation_estimate(mc, cfg, mesh)
+    cfg_none = load_config("configs/qwen3_lora.py", over + ["remat_policy='none'"])
+    none = aot.activation_estimate(aot.model_config_from(cfg_none), cfg_none, mesh)
+    assert none > 10 * remat
+
+
 def test_cli_estimate_only_exit_status_and_json(tmp_path, capsys):
     from embedjax.cli import main
 

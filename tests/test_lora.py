@@ -141,3 +141,9 @@ def test_config_checks():
     with pytest.raises(ConfigError, match=r"lora.targets '\(' is not a valid regex"):
         assemble(c, mesh)
     assert trainable({"model": 1, "loss": 2}) == {"model": 1, "loss": 2}
+    c.lora.targets = ".*"
+    latent = dataclasses.replace(CFG, head=HeadConfig(pooling="latent_attention", latent_num=4, latent_heads=4))
+    with pytest.raises(ConfigError, match="set export_final=False"):
+        check_model_fit(c, latent)
+    c.export_final = False
+    check_model_fit(c, latent)

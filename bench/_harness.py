@@ -1,0 +1,102 @@
+"""The one way benchmarks here time a comparison: both sides warmed up first (compilation and first-call costs
+reported on their own), then timed in interleaved rounds (A B, B A, A B, ...) so that a change in the machine's
+load falls on both alike; the median and spread of each side, the ratio of medians, the 1-minute load average
+before and after (a run taken with load above `LOAD_LIMIT` x cores is flagged), and one JSON line per figure
+appended to `bench/results.jsonl` with the date, machine and library versions.
+
+    from _harness import compare
+    res = compare("encode STS-B test", {"embedjax": run_a, "sentence-transformers": run_b},
+                  work=2758, unit="sentences/s", rounds=5)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+LOAD_LIMIT = 0.25   # a 1-minute load average above this fraction of the cores flags the run
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def versions(*modules: str) -> dict[str, str]:
+    import importlib
+
+    out = {}
+    for m in ("jax", "jaxlib", "flax", "numpy", *modules):
+        try:
+            out[m] = getattr(importlib.import_module(m), "__version__", "?")
+        except ImportError:
+            out[m] = "not installed"
+    return out
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def compare(name: str, sides: dict[str, Callable[[], Any]], *, work: float, unit: str, rounds: int = 5,
+            warmup: int = 1, meta: dict[str, Any] | None = None, modules: tuple[str, ...] = (),
+            write: bool = True) -> dict[str, Any]:
+    """Times each side's `fn()` (one unit of `work` per call, e.g. sentences) `rounds` times, interleaved, after
+    `warmup` untimed calls each; returns and records {side: {median, min, max, spread, rate}, ratio, load...}."""
+    load_before = load()
+    warm: dict[str, float] = {}
+    for side, fn in sides.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        warm[side] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    order = list(sides)
+    for r in range(rounds):
+        for side in (order if r % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            sides[side]()
+            times[side].append(time.perf_counter() - t0)
+    load_after = load()
+    cores = os.cpu_count() or 1
+    under_load = max(load_before, load_after) > LOAD_LIMIT * cores
+    out: dict[str, Any] = {"benchmark": name, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+                           "unit": unit, "work_per_call": work, "rounds": rounds, "interleaved": True,
+                           "load_before": round(load_before, 2), "load_after": round(load_after, 2),
+                           "under_load": under_load, "machine": machine(), "versions": versions(*modules),
+                           **(meta or {}), "sides": {}}
+    for side, ts in times.items():
+        med = statistics.median(ts)
+        out["sides"][side] = {"rate": work / med, "median_s": med, "min_s": min(ts), "max_s": max(ts),
+                              "spread": (max(ts) - min(ts)) / med, "warmup_s": warm[side]}
+    names = list(sides)
+    if len(names) == 2:
+        a, b = names
+        out["ratio"] = {"of": f"{a} / {b}", "value": out["sides"][a]["rate"] / out["sides"][b]["rate"]}
+    if write:
+        with open(RESULTS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(out) + "\n")
+    return out
+
+
+def report(res: dict[str, Any]) -> str:
+    """Human-readable lines for one `compare` result."""
+    lines = [f"{res['benchmark']} ({res['rounds']} interleaved rounds; load {res['load_before']} -> "
+             f"{res['load_after']} on {res['machine']['cores']} cores"
+             f"{'; UNDER LOAD: not a fair figure' if res['under_load'] else ''})"]
+    for side, s in res["sides"].items():
+        lines.append(f"  {side:<24} {s['rate']:9.2f} {res['unit']}  (median {s['median_s']:.3f} s, spread "
+                     f"{100 * s['spread']:.0f}%, warm-up {s['warmup_s']:.1f} s)")
+    if "ratio" in res:
+        lines.append(f"  ratio {res['ratio']['of']}: {res['ratio']['value']:.2f}")
+    return "\n".join(lines)
