@@ -13,16 +13,7 @@ use `:tiny` for a smoke run on the shipped SciFact pairs:
 """
 from embedjax.config import base_config
 from embedjax.data.sources import shipped_path
-
-try:  # configs are loaded by path; make the sibling importable
-    from gtr import t5_model_config
-except ImportError:  # pragma: no cover
-    import importlib.util
-    import pathlib
-    _spec = importlib.util.spec_from_file_location("gtr", pathlib.Path(__file__).with_name("gtr.py"))
-    _gtr = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_gtr)
-    t5_model_config = _gtr.t5_model_config
+from embedjax.recipes import t5_model_config
 
 
 def get_config(arg=None):

@@ -37,3 +37,23 @@ def test_overrides_and_errors(tmp_path):
         load_config("configs/tiny.py", ["loss.matryoshka_dims=(16,32)"])
     with pytest.raises(ConfigError, match="not divisible by grad_cache_chunks"):
         load_config("configs/tiny.py", ["grad_cache_chunks=3"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_alone_as_tpu_run_ships_it(tmp_path, path):
+    """tpu/run.sh copies only the named config file to the workers: each config loads from a folder holding
+    nothing else (it imports from the installed package, never from a sibling file)."""
+    import ast
+    import shutil
+
+    imported = {n.module.split(".")[0] for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name.split(".")[0] for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import)
+                 for a in n.names}
+    assert imported <= {"embedjax", "__future__"}, f"{path.name} imports {sorted(imported)}"
+    alone = tmp_path / "embedjax-configs"
+    alone.mkdir()
+    shutil.copy(path, alone / path.name)
+    variant = VARIANTS.get(path.name, [None])[0]
+    cfg = load_config(f"{alone / path.name}:{variant}" if variant else str(alone / path.name))
+    assert cfg.batch_size > 0

@@ -4,7 +4,6 @@ unchanged; a config that cannot have adapters is refused."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
