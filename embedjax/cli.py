@@ -175,8 +175,78 @@ def _init_distributed(args: argparse.Namespace) -> None:
         return
     if jax.process_index() != 0:   # one log for the run; other processes still show warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
+    start_liveness_watch(args.heartbeat_timeout)
     log.info("jax.distributed: %d processes, %d devices (%d local)", jax.process_count(), jax.device_count(),
              jax.local_device_count())
+
+
+LIVENESS_PERIOD_S = 1.0
+_LIVENESS_DONE = __import__("threading").Event()
+
+
+def liveness_done() -> None:
+    """This process finished its work: the others stop watching it (see `start_liveness_watch`)."""
+    import jax
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None or jax.process_count() == 1 or _LIVENESS_DONE.is_set():
+        return
+    _LIVENESS_DONE.set()
+    try:
+        client.key_value_set(f"embedjax/alive/{jax.process_index()}", "done", allow_overwrite=True)
+    except Exception:  # noqa: BLE001 - the service is gone already
+        pass
+
+
+def start_liveness_watch(heartbeat_timeout: float) -> None:
+    """Each process writes a timestamp to the coordination service's key-value store every second and reads the
+    others'; one that has not written for a third of the heartbeat timeout (at least 3 s) is lost: this process
+    prints one line naming it and exits (status 3), before JAX's own heartbeat check aborts with its generic
+    message (which would leave no report of which process went, and a hung collective behind). A process that
+    finished its work writes "done" (`liveness_done`) and is never counted as lost."""
+    import threading
+
+    import jax
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    n, me = jax.process_count(), jax.process_index()
+    if client is None or n == 1:
+        return
+    stale_after = max(3.0, heartbeat_timeout / 3.0)
+
+    def watch() -> None:
+        seen: dict[int, tuple[str, float]] = {}
+        beat = 0
+        while not _LIVENESS_DONE.is_set():
+            beat += 1
+            try:
+                client.key_value_set(f"embedjax/alive/{me}", str(beat), allow_overwrite=True)
+                now = time.monotonic()
+                lost = []
+                for p in range(n):
+                    if p == me:
+                        continue
+                    try:
+                        v = client.key_value_try_get(f"embedjax/alive/{p}")
+                    except Exception:  # noqa: BLE001 - not written yet (still starting)
+                        continue
+                    if v == "done":
+                        continue
+                    if p not in seen or seen[p][0] != v:
+                        seen[p] = (v, now)
+                    elif now - seen[p][1] > stale_after:
+                        lost.append(p)
+                if lost:
+                    print(f"embedjax train: process {me} stops: lost process(es) {lost} of {n} (no liveness "
+                          f"signal for {stale_after:.0f} s)", file=sys.stderr, flush=True)
+                    os._exit(3)
+            except Exception:  # noqa: BLE001 - the service itself is gone (process 0 died): JAX reports it
+                return
+            time.sleep(LIVENESS_PERIOD_S)
+
+    threading.Thread(target=watch, daemon=True, name="embedjax-liveness").start()
 
 
 def lost_processes(timeout: float) -> list[int] | None:
@@ -213,7 +283,9 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     try:
         res = train_and_evaluate(cfg, args.workdir)
+        liveness_done()
     except (TrainingDiverged, CLIError, FileNotFoundError, ValueError, TypeError, KeyboardInterrupt):
+        liveness_done()
         raise
     except Exception as e:
         if jax.process_count() == 1:
