@@ -49,5 +49,15 @@ def test_export_cli_from_a_workdir_both_formats(t5_workdir, tmp_path, capsys):
     assert main(["export", "--workdir", str(t5_workdir), "--output", str(tmp_path / "st"),
                  "--format", "sentence-transformers"]) == 0
     assert (tmp_path / "st" / "modules.json").is_file()
+    # sentence-transformers itself reads the exported folder and gives the embeddings of embedjax's own model
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from embedjax import Encoder
+
+    texts = ["a first sentence", "query: and a second one, a little longer than the first"]
+    ref = Encoder.load(t5_workdir / "final").encode(texts)
+    got = SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(texts)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
     rc = main(["export", "--workdir", str(t5_workdir), "--output", str(tmp_path / "x" / "1"), "--step", "99"])
     assert rc == 2 and "step 99" in capsys.readouterr().err
