@@ -599,6 +599,49 @@ def load_folder(path_or_id: str | os.PathLike, *, weights: bool = True,
     return cfg, params, transformer_dir, extras
 
 
+def load_lm(path_or_id: str | os.PathLike, *, lazy: bool = False) -> tuple[DecoderConfig, dict, Any]:
+    """A Qwen3 / Gemma 3 text *ForCausalLM folder (or hub id) for generation and scoring: (config, params of
+    `decoder.DecoderLM`, tokenizer). params = {"decoder": the decoder's weights (the layout `load_folder` gives
+    an embedding tower's encoder), "lm_head": {"kernel": [D, V]}} where `tie_word_embeddings` is false (the
+    checkpoint's `lm_head.weight`, transposed); a tied head reads the embedding table and any `lm_head.weight`
+    in the file is ignored, as transformers ties it. `lazy`: the weights as `LazyWeight`s (read slice by slice
+    where `generate.Generator` places them on a mesh).
+
+    EOS: transformers' generate stops on its generation config's `eos_token_id`, which generation_config.json
+    (when the folder has one) sets, often to more ids than config.json (Qwen3: <|im_end|> and <|endoftext|>);
+    the returned config's `eos_token_id` is that list where the file gives one."""
+    from embedjax.tokenize import load_tokenizer
+
+    root = resolve_model_dir(path_or_id)
+    cfg_path = root / "config.json"
+    cfg_json = _read_json(cfg_path)
+    if cfg_json.get("model_type") not in ("qwen3", "gemma3_text"):
+        raise ModelLoadError(f"{cfg_path}: model_type {cfg_json.get('model_type')!r} is not a language model "
+                             "embedjax generates with; supported: qwen3, gemma3_text (a Gemma 3 text checkpoint; "
+                             "the multimodal gemma3 is not)")
+    arch, cfg = encoder_config_from_hf(cfg_json, cfg_path)
+    gen_path = root / "generation_config.json"
+    if gen_path.is_file():
+        eos = _read_json(gen_path).get("eos_token_id")
+        if eos is not None:
+            import dataclasses
+            cfg = dataclasses.replace(cfg, eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
+    tensors = read_safetensors(root, lazy=lazy)
+    source = str(root / "model.safetensors")
+    params: dict[str, Any] = {"decoder": hf_to_tower_params(ModelConfig(arch, cfg, HeadConfig(pooling="lasttoken")),
+                                                            tensors, source)["encoder"]}
+    if not cfg.tie_word_embeddings:
+        if "lm_head.weight" not in tensors:
+            raise ModelLoadError(f"{source}: no lm_head.weight, and config.json unties the head from the embedding "
+                                 "table (tie_word_embeddings false): not a *ForCausalLM checkpoint")
+        w = tensors["lm_head.weight"]
+        if tuple(w.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ModelLoadError(f"{source}: lm_head.weight has shape {tuple(w.shape)}, config.json says "
+                                 f"{(cfg.vocab_size, cfg.hidden_size)}")
+        params["lm_head"] = {"kernel": w.transposed() if isinstance(w, LazyWeight) else np.ascontiguousarray(w.T)}
+    return cfg, params, load_tokenizer(root)
+
+
 def _tokenizer_signature(tdir: Path) -> Any:
     """What decides a tokenizer's ids: tokenizer.json's model, normaliser and pre-tokeniser, or the vocabulary
     file (length limits and padding, which differ between routes, are left out)."""

@@ -22,6 +22,10 @@ Sliding windows, as transformers builds them (`sliding_window` is the config.jso
   gemma3_text, bidirectional      keys within distance W // 2 either side (transformers stores W // 2 + 1 and
                                   keeps distances below it)
   qwen3, bidirectional            keys within distance W either side (masking_utils' bidirectional window)
+
+Generation (`embedjax.generate`): `DecoderLM` adds the language-model head (tied to the embedding table or
+`lm_head`, Gemma 3's final-logit soft-capping) and takes per-row positions and a `KVCache`; the masks stay
+index-based, so decoding one slot at a time computes what one pass over the whole sequence computes.
 """
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embedjax.models.layers import (Dense, Embed, RMSNorm, activation, check_exits, dropout, layer_class,
-                                     masked_attention, rotary, run_layers, scan_out)
+from embedjax.models.layers import (Dense, Embed, RMSNorm, activation, cached_attention, check_exits, dropout,
+                                     layer_class, masked_attention, rotary, run_layers, scan_out)
 from embedjax.sharding import ACTIVATION_BxLxD, logical_constraint
 
 _FULL, _SLIDING = "full_attention", "sliding_attention"
@@ -77,10 +81,10 @@ class DecoderConfig:
     sliding_window: int | None = None          # the config.json value (see the module docstring)
     layer_types: tuple[str, ...] = ()          # per layer full_attention | sliding_attention; () = the default
     query_pre_attn_scalar: float | None = None  # gemma3_text: attention scale query_pre_attn_scalar^-1/2 (None: 256)
-    final_logit_softcapping: float | None = None  # gemma3_text: on the LM head's logits only (no LM head here):
-                                                  # kept so that to_hf writes it back
+    final_logit_softcapping: float | None = None  # gemma3_text: on the LM head's logits only (`DecoderLM`;
+                                                  # the embedding encoder has no LM head)
     attention: str = "causal"                  # causal | bidirectional
-    tie_word_embeddings: bool = True           # the LM head (not built here) shares the embedding table
+    tie_word_embeddings: bool = True           # the LM head (`DecoderLM`) shares the embedding table
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -259,6 +263,34 @@ def _rope_theta(cfg: dict[str, Any], c: dict[str, Any], layer_type: str | None) 
     return float(c[legacy])
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for causal decoding: `layers[i]` = (k [B, T, G, K], v [B, T, G, K]) over T
+    slots; `mask` [B, T] is 1 at the slots that hold a real token (the prompt's and those decoded so far, this
+    step's included); `index` is the slot of the first token of this call (0 for the prompt, then one slot per
+    decoded token). Every row writes the same slots (prompts are left-padded to a common length), so one
+    `dynamic_update_slice` writes a step. Every layer keeps all T slots: sliding-window layers mask the keys
+    outside their window rather than keeping a ring buffer (simpler, more memory)."""
+
+    layers: tuple[tuple[jax.Array, jax.Array], ...]
+    mask: jax.Array
+    index: jax.Array
+    layer: int = dataclasses.field(default=0, metadata=dict(static=True))   # which entry a DecoderLayer reads
+
+    @classmethod
+    def zeros(cls, cfg: DecoderConfig, batch: int, slots: int, dtype: Any = None) -> "KVCache":
+        shape = (batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        dt = jnp.dtype(dtype or cfg.dtype)
+        layers = tuple((_constrain_cache(jnp.zeros(shape, dt)), _constrain_cache(jnp.zeros(shape, dt)))
+                       for _ in range(cfg.num_hidden_layers))
+        return cls(layers=layers, mask=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+def _constrain_cache(x_BxTxGxK):
+    return logical_constraint(x_BxTxGxK, ("activation_batch", "activation_length", None, None))
+
+
 def _constrain(x_BxLxD):
     return logical_constraint(x_BxLxD, ACTIVATION_BxLxD)
 
@@ -268,7 +300,11 @@ class DecoderLayer(nn.Module):
     layer_type: str = ""   # "" (scanned layers): the one type of every layer
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array) -> Any:
+    def __call__(self, x_BxLxD: jax.Array, mask_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                 kv: KVCache | None = None) -> Any:
+        """`positions_BxL`: rotary positions per row (None: 0 .. L-1 for every row, as transformers' forward).
+        `kv` (causal decoding, see `KVCache`): this layer's keys and values are written into the cache at
+        `kv.index` and the queries attend over the cache; returns (states, the layer's updated (k, v))."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         B, L, D = x_BxLxD.shape
@@ -285,11 +321,25 @@ class DecoderLayer(nn.Module):
         q_BxLxHxK = norm("query_norm")(dense(H * K, ("embed", "heads"), "query")(h).reshape(B, L, H, K))
         k_BxLxGxK = norm("key_norm")(dense(G * K, ("embed", "heads"), "key")(h).reshape(B, L, G, K))
         v_BxLxGxK = dense(G * K, ("embed", "heads"), "value")(h).reshape(B, L, G, K)
-        positions = np.arange(L)   # static, and not shifted for left padding (as transformers)
+        # static, and not shifted for left padding (as transformers' forward), unless given
+        positions = np.arange(L) if positions_BxL is None else positions_BxL
         theta = cfg.rope_local_theta if sliding else cfg.rope_theta
         q_BxLxHxK, k_BxLxGxK = rotary(q_BxLxHxK, positions, theta), rotary(k_BxLxGxK, positions, theta)
-        ctx = masked_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxL, scale=cfg.attention_scale,
-                               window=cfg.window if sliding else None, causal=cfg.attention == "causal")
+        window = cfg.window if sliding else None
+        if kv is None:
+            ctx = masked_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxL, scale=cfg.attention_scale,
+                                   window=window, causal=cfg.attention == "causal")
+            new_kv = None
+        else:
+            if cfg.attention != "causal":
+                raise ValueError("a key / value cache needs causal attention (this decoder is bidirectional)")
+            k_cache, v_cache = kv.layers[kv.layer]
+            at = (0, kv.index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxLxGxK.astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxLxGxK.astype(v_cache.dtype), at)
+            ctx = cached_attention(q_BxLxHxK, k_cache.astype(dtype), v_cache.astype(dtype), kv.mask, kv.index,
+                                   scale=cfg.attention_scale, window=window)
+            new_kv = (k_cache, v_cache)
         a_BxLxD = dense(D, ("heads", "embed"), "attention_output")(ctx.reshape(B, L, H * K))
         if cfg.is_gemma:
             a_BxLxD = norm("post_attention_norm")(a_BxLxD)
@@ -302,7 +352,8 @@ class DecoderLayer(nn.Module):
         m_BxLxD = dense(D, ("mlp", "embed"), "wo", bias=False)(h)
         if cfg.is_gemma:
             m_BxLxD = norm("post_mlp_norm")(m_BxLxD)
-        return scan_out(cfg, _constrain(x_BxLxD + dropout(self, m_BxLxD, cfg.dropout_rate)))
+        y_BxLxD = _constrain(x_BxLxD + dropout(self, m_BxLxD, cfg.dropout_rate))
+        return scan_out(cfg, y_BxLxD) if kv is None else (y_BxLxD, new_kv)
 
 
 class DecoderEncoder(nn.Module):
@@ -312,8 +363,11 @@ class DecoderEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxL: jax.Array, mask_BxL: jax.Array,
-                 token_type_ids_BxL: jax.Array | None = None, exit_layers: tuple[int, ...] = ()) -> Any:
-        """`exit_layers` (2D Matryoshka): returns `(hidden, [final_norm(state after each of those layer counts)])`."""
+                 token_type_ids_BxL: jax.Array | None = None, exit_layers: tuple[int, ...] = (),
+                 positions_BxL: jax.Array | None = None, kv: KVCache | None = None) -> Any:
+        """`exit_layers` (2D Matryoshka): returns `(hidden, [final_norm(state after each of those layer counts)])`.
+        `positions_BxL`: rotary positions per row (None: 0 .. L-1). `kv` (causal decoding): returns
+        `(hidden, kv with every layer's cache updated)`; see `KVCache`."""
         del token_type_ids_BxL   # decoders have no token types
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -323,6 +377,20 @@ class DecoderEncoder(nn.Module):
             x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
         x_BxLxD = _constrain(dropout(self, x_BxLxD, cfg.dropout_rate))
         final_norm = RMSNorm(cfg.rms_norm_eps, dtype=dtype, zero_centered=cfg.is_gemma, name="final_norm")
+        if kv is not None or positions_BxL is not None:
+            if cfg.scan_layers or exit_layers:
+                raise ValueError("positions / a key / value cache are for the unscanned full model (generation): "
+                                 "set scan_layers=False and ask for no exit layers")
+            caches = []
+            for i, layer_type in enumerate(cfg.layer_types):
+                layer = DecoderLayer(cfg, layer_type, name=f"layer_{i}")
+                if kv is None:
+                    x_BxLxD = layer(x_BxLxD, mask_BxL, positions_BxL)
+                else:
+                    x_BxLxD, layer_kv = layer(x_BxLxD, mask_BxL, positions_BxL, dataclasses.replace(kv, layer=i))
+                    caches.append(layer_kv)
+            h_BxLxD = final_norm(x_BxLxD)
+            return h_BxLxD if kv is None else (h_BxLxD, dataclasses.replace(kv, layers=tuple(caches)))
         if cfg.scan_layers:   # every layer of one type (checked by the config); exits refused there
             x_BxLxD = run_layers(DecoderLayer, cfg, cfg.num_hidden_layers, x_BxLxD, mask_BxL, exits=exit_layers)
             return final_norm(x_BxLxD)
@@ -334,3 +402,44 @@ class DecoderEncoder(nn.Module):
             if i + 1 in exits:
                 states.append(final_norm(x_BxLxD))
         return (final_norm(x_BxLxD), states) if exits else final_norm(x_BxLxD)
+
+
+class DecoderLM(nn.Module):
+    """The decoder with its language-model head (generation and scoring, `embedjax.generate`): token ids ->
+    next-token logits [B, L or `last`, V] in float32. Parameters: `decoder` (a `DecoderEncoder`'s) and, when the
+    checkpoint does not tie the head to the embedding table (`tie_word_embeddings` false), `lm_head` (kernel
+    [D, V]). Gemma 3's `final_logit_softcapping` c is applied as transformers' Gemma3ForCausalLM applies it:
+    logits = c * tanh(logits / c)."""
+
+    cfg: DecoderConfig
+
+    def setup(self) -> None:
+        self.decoder = DecoderEncoder(self.cfg)
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head = Dense(self.cfg.vocab_size, ("embed", "vocab"), use_bias=False,
+                                 dtype=jnp.dtype(self.cfg.dtype))
+
+    def __call__(self, input_ids_BxL: jax.Array, mask_BxL: jax.Array, positions_BxL: jax.Array,
+                 kv: KVCache | None = None, last: int | None = None) -> Any:
+        """`positions_BxL`: each token's rotary position; `kv`: a cache to write this call's keys and values to
+        (returns (logits, kv)); `last`: logits of the last `last` positions only (the [B, L, V] logits of a
+        long prompt and a 262k vocabulary would not fit)."""
+        out = self.decoder(input_ids_BxL, mask_BxL, positions_BxL=positions_BxL, kv=kv)
+        h_BxLxD, kv = out if kv is not None else (out, None)
+        if last is not None:
+            h_BxLxD = h_BxLxD[:, -last:]
+        logits_BxLxV = self.logits(h_BxLxD)
+        return logits_BxLxV if kv is None else (logits_BxLxV, kv)
+
+    def logits(self, h_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if cfg.tie_word_embeddings:
+            table_VxD = nn.meta.unbox(self.decoder.variables["params"]["token_embedder"]["embedding"])
+            logits = jnp.einsum("bld,vd->blv", h_BxLxD, table_VxD.astype(h_BxLxD.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(h_BxLxD).astype(jnp.float32)
+        if cfg.final_logit_softcapping is not None:
+            cap = float(cfg.final_logit_softcapping)
+            logits = jnp.tanh(logits / cap) * cap
+        return logits

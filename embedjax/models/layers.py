@@ -323,6 +323,25 @@ def masked_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
     return jnp.swapaxes(out, 0, 1).reshape(q_BxLxHxK.shape[:3] + out.shape[-1:])
 
 
+def cached_attention(q_BxQxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array, mask_BxT: jax.Array,
+                     first_slot: Any, *, scale: float, window: int | None = None) -> jax.Array:
+    """Causal attention of Q queries, at slots `first_slot` .. `first_slot` + Q - 1 of a key / value cache of T
+    slots, over the cache (the queries' own keys already written into it). A query at slot i sees the keys at
+    slots j <= i where `mask_BxT` is 1 (with `window`: i - window <= j <= i), the index-based masks
+    `masked_attention(causal=True)` builds for a whole sequence, so prefill and step-by-step decoding compute the
+    same thing. Grouped-query heads and fully masked rows as in `masked_attention`. Logits and softmax in float32
+    (`jax.nn.dot_product_attention`'s XLA implementation)."""
+    Q, T = q_BxQxHxK.shape[1], k_BxTxGxK.shape[1]
+    q_slot_Qx1 = (first_slot + jnp.arange(Q, dtype=jnp.int32))[:, None]
+    k_slot_1xT = jnp.arange(T, dtype=jnp.int32)[None, :]
+    near_QxT = k_slot_1xT <= q_slot_Qx1
+    if window is not None:
+        near_QxT &= q_slot_Qx1 - k_slot_1xT <= window
+    mask_Bx1xQxT = mask_BxT[:, None, None, :].astype(bool) & near_QxT[None, None]
+    return jax.nn.dot_product_attention(q_BxQxHxK, k_BxTxGxK, v_BxTxGxK, mask=mask_Bx1xQxT, scale=scale,
+                                        implementation="xla")
+
+
 def compute_platform() -> str:
     """The platform the traced computation is for: that of the mesh in context (an ahead-of-time compile for a
     TPU topology traces on a CPU host), else the default backend."""
@@ -347,14 +366,23 @@ def _attention_row_blocks(B: int, H: int, L: int) -> int:
     return local // rows
 
 
-def rotary(x_BxLxHxK: jax.Array, positions_L: Any, theta: float) -> jax.Array:
+def rotary(x_BxLxHxK: jax.Array, positions: Any, theta: float) -> jax.Array:
     """Rotary position embedding, the rotate-half layout of transformers (first half of each head's dims pairs
-    with the second), angles and products in float32."""
+    with the second), angles and products in float32.
+
+    `positions`: [L] host numpy positions shared by every row (the tables are constants of the compiled
+    program), or a [B, L] jax array of per-row positions (generation: positions counted from each row's first
+    real token, as transformers' generate passes them)."""
     K = x_BxLxHxK.shape[-1]
     inv_freq = 1.0 / (theta ** (np.arange(0, K, 2, dtype=np.float32) / K))
-    freqs_LxK2 = np.asarray(positions_L, np.float32)[:, None] * inv_freq[None, :]
-    emb_LxK = np.concatenate([freqs_LxK2, freqs_LxK2], axis=-1)
-    cos, sin = (jnp.asarray(f(emb_LxK))[None, :, None, :] for f in (np.cos, np.sin))
+    if isinstance(positions, jax.Array):
+        freqs_BxLxK2 = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+        emb_BxLxK = jnp.concatenate([freqs_BxLxK2, freqs_BxLxK2], axis=-1)
+        cos, sin = jnp.cos(emb_BxLxK)[:, :, None, :], jnp.sin(emb_BxLxK)[:, :, None, :]
+    else:
+        freqs_LxK2 = np.asarray(positions, np.float32)[:, None] * inv_freq[None, :]
+        emb_LxK = np.concatenate([freqs_LxK2, freqs_LxK2], axis=-1)
+        cos, sin = (jnp.asarray(f(emb_LxK))[None, :, None, :] for f in (np.cos, np.sin))
     x = x_BxLxHxK.astype(jnp.float32)
     rotated = jnp.concatenate([-x[..., K // 2:], x[..., : K // 2]], axis=-1)
     return (x * cos + rotated * sin).astype(x_BxLxHxK.dtype)
