@@ -3,7 +3,7 @@ batch 128, float32, same weights, same process (`_harness.compare`: both warmed 
 spread, load recorded, a JSON line in bench/results.jsonl).
 
     python bench/encode_vs_st.py [--rounds 5] [--batch-size 128]
-    python bench/encode_vs_st.py --long     # 1000 SciFact documents (title + text), 256 tokens, batch 32
+    python bench/encode_vs_st.py --long     # 256 SciFact documents (title + text), 256 tokens, batch 32
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def stsb_sentences(path: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--long", action="store_true", help="1000 SciFact documents at 256 tokens, batch 32")
+    ap.add_argument("--long", action="store_true", help="256 SciFact documents at 256 tokens, batch 32")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "embedjax" / "data" / "shipped"
                                           / "stsb" / "test.tsv"))
@@ -41,7 +41,7 @@ def main() -> None:
     if args.long:
         import json
         corpus = Path(__file__).resolve().parents[1] / "embedjax" / "data" / "shipped" / "scifact" / "corpus.jsonl"
-        rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()[:1000]]
+        rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()[:256]]
         texts = [(r["title"] + " " + r["text"]).strip() for r in rows]
         args.batch_size, what = 32, "SciFact documents, 256 tokens"
 
