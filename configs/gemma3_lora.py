@@ -11,7 +11,7 @@ pretrained folder given as `--config.init_from=PATH` (the test writes a tiny Gem
 `:full` is the same job without LoRA. Results: none measured (no TPU here); AOT memory figures in README.
 """
 from embedjax.config import base_config
-from embedjax.data.sources import shipped_path
+from embedjax.recipes import llm_lora_config
 
 
 def get_config(arg=None):
@@ -19,44 +19,7 @@ def get_config(arg=None):
     c.init_from = "google/gemma-3-1b-pt"
     c.model_config = {"encoder": {"attention": "bidirectional"},
                       "head": {"pooling": "mean", "normalize": True}}
-    c.data.kind = "beir"
-    c.data.path = str(shipped_path("scifact"))
-    c.data.split = "train"
     c.data.query_prompt = "task: search result | query: {text}"
     c.data.document_prompt = "title: {title} | text: {text}"
-    c.max_query_length = 128
-    c.max_document_length = 512
-    c.batch_size = 1024
-    c.num_steps = 1000
-    c.dtype = "bfloat16"
-    c.remat_policy = "full"
-    c.loss.name = "in_batch_softmax"
-    c.loss.temperature = 0.02
     c.loss.same_tower = True
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.optim.lr = 1e-4
-    c.optim.warmup_steps = 50
-    c.optim.weight_decay = 0.0
-    c.mesh.data, c.mesh.fsdp = -1, 4
-    c.eval.tasks = (f"beir:{shipped_path('scifact')}:test",)
-    c.eval.batch_size = 64
-    if arg == "full":
-        c.lora.rank = 0
-        c.optim.lr = 1e-5
-    elif arg == "smoke":
-        c.init_from = ""                   # required: --config.init_from=PATH of a tiny Gemma 3 checkpoint
-        c.max_query_length = 64
-        c.max_document_length = 64
-        c.batch_size = 16
-        c.num_steps = 20
-        c.dtype = "float32"
-        c.remat_policy = "none"
-        c.loss.temperature = 0.05
-        c.optim.lr = 2e-2
-        c.optim.warmup_steps = 2
-        c.mesh.data, c.mesh.fsdp = 2, 4
-        c.eval.tasks = ()
-    elif arg:
-        raise ValueError(f"configs/gemma3_lora.py: unknown variant {arg!r} (none, full, smoke)")
-    return c
+    return llm_lora_config(c, arg, "gemma3_lora.py")

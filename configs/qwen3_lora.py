@@ -13,7 +13,7 @@ pretrained folder given as `--config.init_from=PATH` (the test writes a tiny Qwe
 the AOT memory figures are in README.
 """
 from embedjax.config import base_config
-from embedjax.data.sources import shipped_path
+from embedjax.recipes import llm_lora_config
 
 INSTRUCTION = "Given a scientific claim, retrieve documents that support or refute the claim"
 
@@ -22,43 +22,6 @@ def get_config(arg=None):
     c = base_config()
     c.init_from = "Qwen/Qwen3-0.6B"
     c.model_config = {"head": {"pooling": "lasttoken", "normalize": True}}
-    c.data.kind = "beir"
-    c.data.path = str(shipped_path("scifact"))
-    c.data.split = "train"
     c.data.query_prompt = "Instruct: " + INSTRUCTION + "\nQuery: {text}"
-    c.max_query_length = 128
-    c.max_document_length = 512
-    c.batch_size = 1024
-    c.num_steps = 1000
-    c.dtype = "bfloat16"
-    c.remat_policy = "full"
-    c.loss.name = "in_batch_softmax"
-    c.loss.temperature = 0.02
     c.loss.bidirectional = False
-    c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.optim.lr = 1e-4
-    c.optim.warmup_steps = 50
-    c.optim.weight_decay = 0.0
-    c.mesh.data, c.mesh.fsdp = -1, 4
-    c.eval.tasks = (f"beir:{shipped_path('scifact')}:test",)
-    c.eval.batch_size = 64
-    if arg == "full":
-        c.lora.rank = 0
-        c.optim.lr = 1e-5
-    elif arg == "smoke":
-        c.init_from = ""                   # required: --config.init_from=PATH of a tiny Qwen3 checkpoint
-        c.max_query_length = 64
-        c.max_document_length = 64
-        c.batch_size = 16
-        c.num_steps = 20
-        c.dtype = "float32"
-        c.remat_policy = "none"
-        c.loss.temperature = 0.05
-        c.optim.lr = 2e-2
-        c.optim.warmup_steps = 2
-        c.mesh.data, c.mesh.fsdp = 2, 4
-        c.eval.tasks = ()
-    elif arg:
-        raise ValueError(f"configs/qwen3_lora.py: unknown variant {arg!r} (none, full, smoke)")
-    return c
+    return llm_lora_config(c, arg, "qwen3_lora.py")

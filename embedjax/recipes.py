@@ -22,3 +22,51 @@ def t5_model_config(size: str, projection_dim: int = 768) -> dict:
                             feed_forward_proj="gated-gelu"),
             "head": dict(pooling="mean", projection_dim=projection_dim, projection_bias=False, normalize=True),
             "max_length": 512}
+
+
+def llm_lora_config(c, variant: str | None, name: str):
+    """The training settings the LLM-embedder configs share (configs/qwen3_lora.py, configs/gemma3_lora.py), on
+    `c` (which already names the model, head and prompts): the shipped SciFact train pairs, 128 / 512 tokens,
+    batch 1024, bfloat16 compute with per-layer rematerialisation, in-batch softmax at temperature 0.02, rank-16
+    LoRA (alpha 32) on the attention projections, data x fsdp(4). Variants: None; "full" (no LoRA, lr 1e-5);
+    "smoke" (the same architecture at tiny size, 8 fake devices, from `--config.init_from=PATH`)."""
+    from embedjax.data.sources import shipped_path
+
+    c.data.kind = "beir"
+    c.data.path = str(shipped_path("scifact"))
+    c.data.split = "train"
+    c.max_query_length = 128
+    c.max_document_length = 512
+    c.batch_size = 1024
+    c.num_steps = 1000
+    c.dtype = "bfloat16"
+    c.remat_policy = "full"
+    c.loss.name = "in_batch_softmax"
+    c.loss.temperature = 0.02
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.0
+    c.mesh.data, c.mesh.fsdp = -1, 4
+    c.eval.tasks = (f"beir:{shipped_path('scifact')}:test",)
+    c.eval.batch_size = 64
+    if variant == "full":
+        c.lora.rank = 0
+        c.optim.lr = 1e-5
+    elif variant == "smoke":
+        c.init_from = ""                   # required: --config.init_from=PATH of a tiny checkpoint
+        c.max_query_length = 64
+        c.max_document_length = 64
+        c.batch_size = 16
+        c.num_steps = 20
+        c.dtype = "float32"
+        c.remat_policy = "none"
+        c.loss.temperature = 0.05
+        c.optim.lr = 2e-2
+        c.optim.warmup_steps = 2
+        c.mesh.data, c.mesh.fsdp = 2, 4
+        c.eval.tasks = ()
+    elif variant:
+        raise ValueError(f"configs/{name}: unknown variant {variant!r} (none, full, smoke)")
+    return c
