@@ -1,6 +1,6 @@
 """`embedjax` command line: the only place that parses flags.
 
-Subcommands: encode, train, eval, mine, export, aot. Heavy imports happen inside each
+Subcommands: encode, train, eval, mine, export, aot, synth. Heavy imports happen inside each
 subcommand so `embedjax --help` is instant.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ _EXTERNAL = {
     "mine": "embedjax.mine",
     "export": "embedjax.export.cli",
     "aot": "embedjax.aot",
+    "synth": "embedjax.synth",
 }
 
 
