@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def _init_distributed(args: argparse.Namespace) -> None:
 
 
 LIVENESS_PERIOD_S = 1.0
-_LIVENESS_DONE = __import__("threading").Event()
+_LIVENESS_DONE = threading.Event()
 
 
 def liveness_done() -> None:
@@ -206,7 +207,6 @@ def start_liveness_watch(heartbeat_timeout: float) -> None:
     prints one line naming it and exits (status 3), before JAX's own heartbeat check aborts with its generic
     message (which would leave no report of which process went, and a hung collective behind). A process that
     finished its work writes "done" (`liveness_done`) and is never counted as lost."""
-    import threading
 
     import jax
     from jax._src import distributed
