@@ -36,7 +36,8 @@ _SOFTMAX_KEYS = ("temperature", "learn_temperature", "bidirectional", "same_towe
 _SIGMOID_KEYS = ("sigmoid_t", "sigmoid_b") + _WRAP_KEYS
 _SCALED_KEYS = ("scale",) + _WRAP_KEYS
 LOSS_KEYS: dict[str, tuple[str, ...]] = {
-    "in_batch_softmax": _SOFTMAX_KEYS, "in_batch_softmax_sharded": _SOFTMAX_KEYS,
+    "in_batch_softmax": _SOFTMAX_KEYS + ("mask_false_negatives",),
+    "in_batch_softmax_sharded": _SOFTMAX_KEYS + ("mask_false_negatives",),
     "in_batch_softmax_ring": _SOFTMAX_KEYS, "sigmoid": _SIGMOID_KEYS, "sigmoid_sharded": _SIGMOID_KEYS,
     "cosent": _SCALED_KEYS, "angle": _SCALED_KEYS, "distill_kl": ("temperature", "teacher_temperature", "matryoshka_layers",
                                                              "matryoshka_layer_weights"),
@@ -107,6 +108,8 @@ def base_config() -> ConfigDict:
     c.loss.bidirectional = True
     c.loss.same_tower = False
     c.loss.margin = 0.0
+    c.loss.mask_false_negatives = False    # in-batch candidates whose text is the row's positive, or from a
+                                           # duplicate query, are left out (in_batch_softmax[_sharded])
     c.loss.scale = 20.0                    # cosent / angle; margin_mse: cosine -> the teacher's score range
     c.loss.sigmoid_t = 10.0                # sigmoid / sigmoid_sharded: initial t (learned, as log t)
     c.loss.sigmoid_b = -10.0               # sigmoid / sigmoid_sharded: initial bias (learned)

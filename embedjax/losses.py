@@ -161,32 +161,65 @@ def _softmax_rows(rows_b: jax.Array, blocks: list[jax.Array], is_pos_bxB: jax.Ar
     return loss_b, correct_b
 
 
+def _same_text(a_xx2: jax.Array, b_yx2: jax.Array) -> jax.Array:
+    """[x, y] bool: text key a[i] equals text key b[j] (keys are 64-bit hashes as two int32 words)."""
+    return jnp.all(a_xx2[:, None, :] == b_yx2[None, :, :], axis=-1)
+
+
+def _false_negatives(keys: Sequence[jax.Array], is_pos_bxB: jax.Array, *, with_hn: bool,
+                     same_tower: bool) -> dict[str, jax.Array]:
+    """The in-batch candidates of each row that are really positives (see :func:`in_batch_softmax`).
+
+    ``keys``: (query keys of the rows [b, 2], document keys of the rows [b, 2], query keys of the batch [B, 2],
+    document keys of the batch [B, 2], hard-negative keys of the batch [N, 2] or None)."""
+    qk_b, dk_b, qk_B, dk_B, hk_N = keys
+    dup_query_bxB = _same_text(qk_b, qk_B)
+    # documents: another row's positive that is this row's positive text, or the positive of a duplicate query
+    out = {"documents": (_same_text(dk_b, dk_B) | dup_query_bxB) & ~is_pos_bxB}
+    if with_hn:   # a hard negative (of any row) whose text is this row's positive
+        out["negatives"] = _same_text(dk_b, hk_N)
+    if same_tower:   # another query whose text is this query's, or this row's positive
+        out["queries"] = (dup_query_bxB | _same_text(dk_b, qk_B)) & ~is_pos_bxB
+    # documents -> queries: another query whose text is this query's, or whose positive is this document
+    out["d2q"] = out["documents"]
+    return out
+
+
 def _in_batch_sums(q_bxD: jax.Array, d_bxD: jax.Array, q_BxD: jax.Array | None, d_BxD: jax.Array,
                    hn_NxD: jax.Array | None, *, row_offset: Any, temperature: Any, bidirectional: bool,
-                   same_tower: bool, margin: float, hn_valid_N: jax.Array | None = None) -> dict[str, jax.Array]:
+                   same_tower: bool, margin: float, hn_valid_N: jax.Array | None = None,
+                   fn_keys: Sequence[jax.Array] | None = None) -> dict[str, jax.Array]:
     """Sums over the rows ``row_offset .. row_offset + b`` of the global batch (all of it when dense)."""
     b, B = q_bxD.shape[0], d_BxD.shape[0]
     rows_b = row_offset + jnp.arange(b)
     is_pos_bxB = jnp.arange(B)[None, :] == rows_b[:, None]
+    fneg = (None if fn_keys is None else
+            _false_negatives(fn_keys, is_pos_bxB, with_hn=hn_NxD is not None, same_tower=same_tower))
     sims_bxB = q_bxD @ d_BxD.T
-    blocks, invalid = [sims_bxB], [jnp.zeros((b, B), bool)]
+    blocks, invalid = [sims_bxB], [jnp.zeros((b, B), bool) if fneg is None else fneg["documents"]]
     if hn_NxD is not None:
+        hn_invalid = (jnp.zeros((b, hn_NxD.shape[0]), bool) if hn_valid_N is None
+                      else jnp.broadcast_to(~hn_valid_N[None, :], (b, hn_NxD.shape[0])))
         blocks.append(q_bxD @ hn_NxD.T)
-        invalid.append(jnp.zeros((b, hn_NxD.shape[0]), bool) if hn_valid_N is None
-                       else jnp.broadcast_to(~hn_valid_N[None, :], (b, hn_NxD.shape[0])))
+        invalid.append(hn_invalid if fneg is None else hn_invalid | fneg["negatives"])
     if same_tower:  # other queries as negatives (Gecko); a query is not its own negative
         blocks.append(q_bxD @ q_BxD.T)
-        invalid.append(is_pos_bxB)
-    masked = same_tower or (hn_NxD is not None and hn_valid_N is not None)
+        invalid.append(is_pos_bxB if fneg is None else is_pos_bxB | fneg["queries"])
+    masked = same_tower or (hn_NxD is not None and hn_valid_N is not None) or fneg is not None
     invalid_bxN = jnp.concatenate(invalid, axis=1) if masked else None
     loss_b, correct_b = _softmax_rows(rows_b, blocks, is_pos_bxB, temperature=temperature, margin=margin,
                                       invalid_bxN=invalid_bxN)
     pos_sum = jnp.sum(jnp.where(is_pos_bxB, sims_bxB, 0.0))
     sums = {"loss_q2d": jnp.sum(loss_b), "accuracy": jnp.sum(correct_b.astype(jnp.float32)),
             "pos_sim": pos_sum, "neg_sim": jnp.sum(sims_bxB) - pos_sum}
+    if fneg is not None:   # candidates masked out of the query -> document loss only as false negatives
+        n = jnp.sum(fneg["documents"]) + jnp.sum(fneg.get("queries", False))
+        if hn_NxD is not None:
+            n = n + jnp.sum(fneg["negatives"] & ~hn_invalid)
+        sums["false_negatives"] = n.astype(jnp.float32)
     if bidirectional:  # documents retrieving their query among all queries
         loss_b, correct_b = _softmax_rows(rows_b, [d_bxD @ q_BxD.T], is_pos_bxB, temperature=temperature,
-                                          margin=margin)
+                                          margin=margin, invalid_bxN=None if fneg is None else fneg["d2q"])
         sums["loss_d2q"] = jnp.sum(loss_b)
         sums["accuracy_d2q"] = jnp.sum(correct_b.astype(jnp.float32))
     return sums
@@ -214,7 +247,8 @@ def _in_batch_validate(fn: str, q_BxD: Any, d_BxD: Any, temperature: Any, hard_n
 def in_batch_softmax(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any,
                      hard_negatives_BxKxD: jax.Array | None = None, bidirectional: bool = True,
                      same_tower: bool = False, margin: float = 0.0,
-                     hard_negatives_valid_BxK: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+                     hard_negatives_valid_BxK: jax.Array | None = None,
+                     false_negative_keys: Sequence[Any] | None = None) -> tuple[jax.Array, Metrics]:
     """In-batch softmax (InfoNCE) over the global batch: query ``i`` must pick document ``i``.
 
     Candidates for query ``i``: all ``B`` documents, plus all ``B*K`` hard negatives of the batch (as GTR
@@ -226,23 +260,56 @@ def in_batch_softmax(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature: Any,
     ``loss_d2q``, ``pos_sim`` / ``neg_sim`` (mean positive / in-batch negative similarity), ``temperature``.
     ``hard_negatives_valid_BxK`` (bool) drops hard-negative slots that hold no real negative (padding rows of
     examples with fewer than K negatives) from every query's candidates.
+
+    **False-negative masks** (Gecko, Gemini Embedding): ``false_negative_keys = (query_keys_Bx2,
+    document_keys_Bx2, hard_negative_keys_BxKx2 or None)``, a hash of each text (int32 pairs; equal keys =
+    equal texts, see ``embedjax.data.pipeline.text_key_words``). Out of row ``i``'s candidates go: another
+    row's positive whose text is row ``i``'s positive, the positive of another row with the same query text,
+    a hard negative whose text is row ``i``'s positive, and (``same_tower``) another query whose text is row
+    ``i``'s query or positive; in the document->query direction, the queries of those rows. Metric
+    ``false_negatives``: candidates so masked per query.
     """
     fn = "in_batch_softmax"
     _in_batch_validate(fn, q_BxD, d_BxD, temperature, hard_negatives_BxKxD, margin)
+    fn_keys = _fn_keys(fn, false_negative_keys, q_BxD.shape[0], hard_negatives_BxKxD)
     q, d = _float(q_BxD), _float(d_BxD)
     temperature = _float(temperature)
     hn_NxD = None if hard_negatives_BxKxD is None else _float(hard_negatives_BxKxD).reshape(-1, q.shape[1])
     hn_valid_N = None
     if hard_negatives_valid_BxK is not None and hn_NxD is not None:
         hn_valid_N = jnp.asarray(hard_negatives_valid_BxK).astype(bool).reshape(-1)
+    if fn_keys is not None:
+        qk, dk, hk = fn_keys
+        fn_keys = (qk, dk, qk, dk, None if hk is None else hk.reshape(-1, 2))
     sums = _in_batch_sums(q, d, q, d, hn_NxD, row_offset=0, temperature=temperature,
                           bidirectional=bidirectional, same_tower=same_tower, margin=float(margin),
-                          hn_valid_N=hn_valid_N)
+                          hn_valid_N=hn_valid_N, fn_keys=fn_keys)
     return _in_batch_finish(sums, q.shape[0], temperature)
 
 
+def _fn_keys(fn: str, keys: Sequence[Any] | None, B: int, hn: Any) -> tuple | None:
+    """Checks ``false_negative_keys`` (see :func:`in_batch_softmax`); returns them as int32 arrays."""
+    if keys is None:
+        return None
+    if len(keys) != 3:
+        raise _err(fn, "false_negative_keys must be (query_keys_Bx2, document_keys_Bx2, hard_negative_keys_BxKx2 "
+                       f"or None), got {len(keys)} item(s)")
+    qk, dk, hk = (None if k is None else jnp.asarray(k, jnp.int32) for k in keys)
+    for name, k in (("query_keys_Bx2", qk), ("document_keys_Bx2", dk)):
+        if k is None or k.shape != (B, 2):
+            raise _err(fn, f"false_negative_keys: {name} must have shape [{B}, 2], got "
+                           f"{None if k is None else k.shape}")
+    if (hk is None) != (hn is None):
+        raise _err(fn, "false_negative_keys: hard_negative_keys_BxKx2 must be given exactly when there are hard "
+                       "negatives")
+    if hk is not None and hk.shape != (*hn.shape[:2], 2):
+        raise _err(fn, f"false_negative_keys: hard_negative_keys_BxKx2 must have shape {(*hn.shape[:2], 2)}, got "
+                       f"{hk.shape}")
+    return qk, dk, hk
+
+
 def _shard_map_in_batch(body: Callable, mesh: Mesh, axes: tuple[str, ...], q_BxD: Any, d_BxD: Any, temperature: Any,
-                        hn_BxKxD: Any, hn_valid_BxK: Any) -> tuple[jax.Array, Metrics]:
+                        hn_BxKxD: Any, hn_valid_BxK: Any, extra: Sequence[Any] = ()) -> tuple[jax.Array, Metrics]:
     """`body(q_bxD, d_bxD, temperature, [hard negatives, [their validity]])` as a shard_map over the batch axes:
     the in-batch softmax forms' one calling convention."""
     args = [_float(q_BxD), _float(d_BxD), _float(temperature)]
@@ -253,6 +320,9 @@ def _shard_map_in_batch(body: Callable, mesh: Mesh, axes: tuple[str, ...], q_BxD
         if hn_valid_BxK is not None:
             args.append(jnp.asarray(hn_valid_BxK).astype(bool))
             specs.append(P(axes, None))
+    for x in extra:   # further batch-sharded arrays (false-negative keys)
+        args.append(x)
+        specs.append(P(axes, *([None] * (x.ndim - 1))))
     return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=P())(*args)
 
 
@@ -260,34 +330,44 @@ def in_batch_softmax_sharded(q_BxD: jax.Array, d_BxD: jax.Array, *, temperature:
                              axis_names: str | Sequence[str] | None = None,
                              hard_negatives_BxKxD: jax.Array | None = None, bidirectional: bool = True,
                              same_tower: bool = False, margin: float = 0.0,
-                             hard_negatives_valid_BxK: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+                             hard_negatives_valid_BxK: jax.Array | None = None,
+                             false_negative_keys: Sequence[Any] | None = None) -> tuple[jax.Array, Metrics]:
     """:func:`in_batch_softmax` as a ``shard_map``: documents (and hard negatives with their validity, and
     queries when needed) are all-gathered over ``axis_names`` (default: the mesh axes the batch is sharded
     over, ``embedjax.sharding.BATCH_AXES``) and each device computes only its own ``b`` rows of the logits; the
-    per-row losses are ``psum``-ed. Same value and gradients as the dense form.
+    per-row losses are ``psum``-ed; false-negative keys are gathered alike. Same value and gradients as the
+    dense form.
     """
     fn = "in_batch_softmax_sharded"
     _in_batch_validate(fn, q_BxD, d_BxD, temperature, hard_negatives_BxKxD, margin)
+    fn_keys = _fn_keys(fn, false_negative_keys, q_BxD.shape[0], hard_negatives_BxKxD)
     axes = _as_axes(axis_names)
     B, D = q_BxD.shape
     _ring_size(fn, mesh, axes, B)
     margin = float(margin)
     with_hn = hard_negatives_BxKxD is not None
     with_valid = with_hn and hard_negatives_valid_BxK is not None
+    key_args = () if fn_keys is None else tuple(k for k in fn_keys if k is not None)
 
-    def body(q_bxD, d_bxD, temp, *hn):
+    def body(q_bxD, d_bxD, temp, *rest):
+        hn, keys = rest[: len(rest) - len(key_args)], rest[len(rest) - len(key_args):]
         b = q_bxD.shape[0]
         d_all = jax.lax.all_gather(d_bxD, axes, tiled=True)
         q_all = jax.lax.all_gather(q_bxD, axes, tiled=True) if (bidirectional or same_tower) else None
         hn_all = jax.lax.all_gather(hn[0].reshape(-1, D), axes, tiled=True) if with_hn else None
         valid_all = jax.lax.all_gather(hn[1].reshape(-1), axes, tiled=True) if with_valid else None
+        keys_all = None
+        if keys:
+            gather = functools.partial(jax.lax.all_gather, axis_name=axes, tiled=True)
+            keys_all = (keys[0], keys[1], gather(keys[0]), gather(keys[1]),
+                        gather(keys[2].reshape(-1, 2)) if len(keys) == 3 else None)
         sums = _in_batch_sums(q_bxD, d_bxD, q_all, d_all, hn_all, row_offset=jax.lax.axis_index(axes) * b,
                               temperature=temp, bidirectional=bidirectional, same_tower=same_tower,
-                              margin=margin, hn_valid_N=valid_all)
+                              margin=margin, hn_valid_N=valid_all, fn_keys=keys_all)
         return _in_batch_finish(jax.lax.psum(sums, axes), B, temp)
 
     return _shard_map_in_batch(body, mesh, axes, q_BxD, d_BxD, temperature, hard_negatives_BxKxD,
-                               hard_negatives_valid_BxK if with_valid else None)
+                               hard_negatives_valid_BxK if with_valid else None, key_args)
 
 
 # ------------------------------------------------------------------------------------ SigLIP sigmoid loss

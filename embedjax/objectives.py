@@ -9,8 +9,10 @@ test checks the two agree); there is no fallback from one form to another:
 ``loss.name``                     what it is, and the batch keys it reads
 ================================  ===========================================================================
 ``in_batch_softmax``              InfoNCE over the global batch (+ hard negatives, same-tower negatives,
-                                  bidirectional, margin); ``query``, ``positive`` (+ ``negative`` /
-                                  ``negative_valid``). GSPMD places the collectives.
+                                  bidirectional, margin, false-negative masks); ``query``, ``positive`` (+
+                                  ``negative`` / ``negative_valid``; ``query_key`` / ``positive_key`` /
+                                  ``negative_key`` with ``loss.mask_false_negatives``). GSPMD places the
+                                  collectives.
 ``in_batch_softmax_sharded``      the same loss as a ``shard_map``: one all-gather of the documents, each device
                                   its own rows of the logits. Same value and gradients.
 ``in_batch_softmax_ring``         the same loss as a ``ppermute`` ring: document chunks (with their hard
@@ -70,13 +72,21 @@ def _softmax(name: str):
                              **_matryoshka(loss_cfg))
         t0 = float(loss_cfg["temperature"])
         learn_t = bool(loss_cfg["learn_temperature"])
+        mask_fn = bool(loss_cfg.get("mask_false_negatives", False))
 
         def objective(e, lp, batch):
             t = jnp.exp(lp["log_t"]) if learn_t else t0
             hn = e.get("negatives")
             valid = batch.get("negative_valid") if hn is not None else None
+            keys = {}
+            if mask_fn:
+                if "query_key" not in batch:
+                    raise ValueError("loss.mask_false_negatives needs the batch's text keys (query_key, positive_key"
+                                     "[, negative_key]); the data layer adds them when the option is on")
+                keys["false_negative_keys"] = (batch["query_key"], batch["positive_key"],
+                                               batch["negative_key"] if hn is not None else None)
             return fn(e["query"], e["document"], temperature=t, hard_negatives_BxKxD=hn,
-                      hard_negatives_valid_BxK=valid, **extra)
+                      hard_negatives_valid_BxK=valid, **keys, **extra)
 
         return objective, ({"log_t": math.log(t0)} if learn_t else {})
     return build

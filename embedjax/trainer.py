@@ -36,6 +36,7 @@ class TrainingDiverged(RuntimeError):
 def build_train_iterator(config: ConfigDict, model_dir: Path):
     """The per-host resumable iterator from the configured data (seqio task over a local TFDS builder)."""
     from embedjax.data import tasks
+    from embedjax.data.pipeline import with_text_keys
     from embedjax.data.prompts import prompt_from_config
     from embedjax.data.tf_tokenize import load_vocabulary
     from embedjax.data.tfds_builders import prepare_dataset
@@ -51,7 +52,8 @@ def build_train_iterator(config: ConfigDict, model_dir: Path):
     return tasks.build_iterator(name, split, global_batch_size=config.batch_size,
                                 max_query_length=config.max_query_length,
                                 max_doc_length=config.max_document_length, num_negatives=d.num_negatives,
-                                dedup=kind != "scored_pairs", seed=config.seed, host_order=d.host_order)
+                                dedup=kind != "scored_pairs", seed=config.seed, host_order=d.host_order,
+                                with_keys=with_text_keys(config))
 
 
 def build_evaluators(config: ConfigDict) -> dict[str, Any]:

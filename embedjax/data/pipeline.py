@@ -206,6 +206,7 @@ class BucketFeatureConverter:
         num_negatives: int = 0,
         pad_id: int = 0,
         task_names: Sequence[str] = (),
+        with_keys: bool = False,
     ):
         if not query_buckets or not doc_buckets:
             raise ValueError("bucket lists must not be empty")
@@ -214,6 +215,7 @@ class BucketFeatureConverter:
         self.num_negatives = int(num_negatives)
         self.pad_id = int(pad_id)
         self.task_ids = {t: k for k, t in enumerate(task_names)}
+        self.with_keys = bool(with_keys)
 
     def __call__(self, picks: Sequence[Pick], data: Mapping[str, TokenizedSet]) -> Batch:
         B, K = len(picks), self.num_negatives
@@ -252,6 +254,16 @@ class BucketFeatureConverter:
                 scores[b, : len(chosen)] = s[chosen]
                 svalid[b, : len(chosen)] = True
         out["scores"], out["scores_valid"] = scores, svalid
+        if self.with_keys:   # text keys for the loss's false-negative masks (0 where a negative is masked)
+            ks = [data[p.task].example_keys(p.i) for p in picks]
+            out["query_key"] = text_key_words(np.asarray([k[0] for k in ks], np.int64))
+            out["positive_key"] = text_key_words(np.asarray([k[1] for k in ks], np.int64))
+            if K:
+                nk = np.zeros((B, K), np.int64)
+                for b, p in enumerate(picks):
+                    for k, j in enumerate(p.negs[:K]):
+                        nk[b, k] = ks[b][2 + j]
+                out["negative_key"] = text_key_words(nk)
         out["task_id"] = np.asarray([self.task_ids.get(p.task, -1) for p in picks], np.int32)
         out["example_idx"] = np.asarray([data[p.task].idx[p.i] for p in picks], np.int32)
         return out
@@ -263,6 +275,13 @@ class BucketFeatureConverter:
             ids[b, : len(x)] = x
             mask[b, : len(x)] = 1
         return ids, mask
+
+
+def text_key_words(keys: np.ndarray) -> np.ndarray:
+    """int64 text keys [...] -> int32 [..., 2] (high, low word): the form the loss compares (JAX computes in
+    32 bits; two words keep all 64 bits, so only equal texts compare equal, up to the hash)."""
+    k = np.asarray(keys, np.int64)
+    return np.stack([(k >> 32).astype(np.int32), (k & 0xFFFFFFFF).astype(np.uint32).view(np.int32)], axis=-1)
 
 
 # --------------------------------------------------------------------------------------------- the iterator
@@ -568,6 +587,11 @@ TOWER_INPUTS: tuple[tuple[str, str, str], ...] = (
 HOST_ONLY_KEYS: tuple[str, ...] = ("negative_index", "task_id", "example_idx")   # bookkeeping, never on devices
 
 
+def with_text_keys(config: Any) -> bool:
+    """Whether training batches carry text keys (``query_key`` ...): the loss masks false negatives."""
+    return bool(config.loss.get("mask_false_negatives", False))
+
+
 def batch_spec(config: Any, mesh: Any = None) -> dict[str, Any]:
     """{key: jax.ShapeDtypeStruct} of the device part of a global training batch at its largest bucket
     (`BucketFeatureConverter` pads to buckets up to these lengths); with `mesh`, each carries the batch
@@ -585,6 +609,10 @@ def batch_spec(config: Any, mesh: Any = None) -> dict[str, Any]:
         shapes.update(negative_ids=((B, K, Ld), jnp.int32), negative_mask=((B, K, Ld), jnp.int32),
                       negative_valid=((B, K), jnp.bool_))
     shapes.update(scores=((B, 1 + K), jnp.float32), scores_valid=((B, 1 + K), jnp.bool_))
+    if with_text_keys(config):
+        shapes.update(query_key=((B, 2), jnp.int32), positive_key=((B, 2), jnp.int32))
+        if K:
+            shapes["negative_key"] = ((B, K, 2), jnp.int32)
     if mesh is None:
         return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
     from embedjax import sharding

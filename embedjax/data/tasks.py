@@ -459,6 +459,7 @@ def build_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     host_order: str = "per_host",
+    with_keys: bool = False,
 ) -> ContrastiveBatchIterator | HostRows:
     """The training iterator of this process, batches of ``global_batch_size / process_count`` rows padded to
     bucket lengths (defaults: ``jax.process_index()`` / ``jax.process_count()``).
@@ -480,7 +481,7 @@ def build_iterator(
         it = build_iterator(name, split, global_batch_size=global_batch_size, max_query_length=max_query_length,
                             max_doc_length=max_doc_length, num_negatives=num_negatives,
                             group_by_task=group_by_task, dedup=dedup, seed=seed, process_index=0,
-                            process_count=1)
+                            process_count=1, with_keys=with_keys)
         return HostRows(it, process_index, process_count)
     local = local_batch_size(global_batch_size, process_count)
     rates = validate_rates(task_rates(name), f"{name!r}")
@@ -504,6 +505,7 @@ def build_iterator(
         num_negatives=num_negatives,
         pad_id=vocab.spec.pad_id,
         task_names=sorted(rates),
+        with_keys=with_keys,
     )
     return ContrastiveBatchIterator(
         data,
