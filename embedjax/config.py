@@ -92,8 +92,11 @@ def base_config() -> ConfigDict:
     c.data.kind = "beir"                   # beir | pairs | stsb
     c.data.path = ""                       # folder (beir) or file (pairs / stsb)
     c.data.split = "train"
-    c.data.query_prompt = ""
+    c.data.query_prompt = ""               # a prefix ("query: ") or a template ("task: {task} | query: {text}")
     c.data.document_prompt = ""
+    c.data.instruction = ""                # {task} / {instruction} of the templates in evaluation and export
+                                           # (and for training sources without an instruction of their own)
+    c.data.document_instruction = ""       # {instruction} of the document template (INSTRUCTOR)
     c.data.num_negatives = 0
     c.data.on_error = "raise"
     c.data.host_order = "per_host"         # per_host: each host reads its shard | global: every host reads all

@@ -69,13 +69,13 @@ class Experiment:
 def assemble(config: ConfigDict, mesh: Any) -> Experiment:
     """Checks the config (keys, named choices, prompts, the batch split over `mesh`) and builds the objective,
     optimizer and learning-rate schedule. Raises ConfigError (one line) on anything it rejects."""
-    from embedjax.data.prompts import prompt_from_config
+    from embedjax.data.prompts import config_prompt
     from embedjax.objectives import make_objective
     from embedjax.optim import make_optimizer, schedule
 
     validate(config)
     try:
-        prompt_from_config(config.data.query_prompt, config.data.document_prompt)
+        config_prompt(config.data)
     except ValueError as e:
         raise ConfigError(f"config: data.query_prompt / data.document_prompt: {e}") from None
     dp = sharding.data_parallel_size(mesh)

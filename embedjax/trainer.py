@@ -37,7 +37,7 @@ def build_train_iterator(config: ConfigDict, model_dir: Path):
     """The per-host resumable iterator from the configured data (seqio task over a local TFDS builder)."""
     from embedjax.data import tasks
     from embedjax.data.pipeline import with_text_keys
-    from embedjax.data.prompts import prompt_from_config
+    from embedjax.data.prompts import config_prompt
     from embedjax.data.tf_tokenize import load_vocabulary
     from embedjax.data.tfds_builders import prepare_dataset
 
@@ -45,7 +45,7 @@ def build_train_iterator(config: ConfigDict, model_dir: Path):
     kind = {"beir": "beir", "pairs": "pairs", "stsb": "scored_pairs"}[d.kind]
     builder = prepare_dataset(kind, d.path, splits=(d.split,) if kind == "beir" else None, on_error=d.on_error)
     vocab = load_vocabulary(model_dir)
-    prompt = prompt_from_config(d.query_prompt, d.document_prompt)   # the one prompt language
+    prompt = config_prompt(d)   # the one prompt language
     name = "embedjax_train"
     tasks.add_task(name, builder, vocab, prompt=prompt, symmetric=(kind == "scored_pairs"))
     split = d.split if kind == "beir" else "train"
@@ -60,6 +60,9 @@ def build_evaluators(config: ConfigDict) -> dict[str, Any]:
     """Evaluators from `eval.tasks` entries "beir:FOLDER[:split]" / "stsb:FILE_OR_FOLDER[:split]"."""
     from embedjax.evaluate import RetrievalEvaluator, STSEvaluator
 
+    from embedjax.data.prompts import config_prompt_strings
+
+    query_prompt, document_prompt = config_prompt_strings(config.data)
     out = {}
     for spec in config.eval.tasks:
         kind, _, rest = spec.partition(":")
@@ -68,8 +71,8 @@ def build_evaluators(config: ConfigDict) -> dict[str, Any]:
         name = f"{kind}/{Path(path).name}/{split}"
         if kind == "beir":
             out[name] = RetrievalEvaluator.from_beir(path, split=split, use_cache=False, show_progress=None,
-                                                     query_prompt=config.data.query_prompt or None,
-                                                     document_prompt=config.data.document_prompt or None)
+                                                     query_prompt=query_prompt or None,
+                                                     document_prompt=document_prompt or None)
         elif kind == "stsb":
             out[name] = STSEvaluator.from_file(path, split=split, show_progress=None)
         else:
@@ -428,7 +431,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     the next step boundary and returns early (run again with the same workdir to resume). `devices`: the
     devices of the mesh (default: all)."""
     from embedjax.checkpoint import Checkpointer, as_path
-    from embedjax.data.prompts import prompt_from_config
+    from embedjax.data.prompts import config_prompt
     from embedjax.encoder import Encoder
     from embedjax.experiment import assemble
     from embedjax.models.source import resolve
@@ -459,7 +462,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     source.params = None   # the pretrained host copy is no longer needed
 
     encoder = Encoder(source.config, exp.model_params(state.params), source.tokenizer, name=str(workdir), mesh=mesh,
-                      prompt=prompt_from_config(config.data.query_prompt, config.data.document_prompt))
+                      prompt=config_prompt(config.data))
     writer = MetricWriter(workdir)
     run = Run(config, mesh, workdir, ckpt, writer, _evaluation(config, encoder, writer), state, start, start,
               last_ckpt=start or None, model_params=exp.model_params)

@@ -163,6 +163,9 @@ class TokenizedSet:
     def example_scores(self, i: int) -> np.ndarray:
         return self.scores[self.score_off[i] : self.score_off[i + 1]]
 
+    def example_index(self, i: int) -> int:
+        return int(self.idx[i])
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for a in (self.idx, self.query_off, self.pos_off, self.neg_row_off, self.keys):
@@ -265,7 +268,7 @@ class BucketFeatureConverter:
                         nk[b, k] = ks[b][2 + j]
                 out["negative_key"] = text_key_words(nk)
         out["task_id"] = np.asarray([self.task_ids.get(p.task, -1) for p in picks], np.int32)
-        out["example_idx"] = np.asarray([data[p.task].idx[p.i] for p in picks], np.int32)
+        out["example_idx"] = np.asarray([data[p.task].example_index(p.i) for p in picks], np.int64)
         return out
 
     def _pad(self, rows: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -342,8 +345,12 @@ class ContrastiveBatchIterator:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data = dict(sorted(data.items()))
+        # in-memory sets are checked whole; sharded ones (`prepared.ShardedTask`, memory-mapped) were checked
+        # when prepared and are never read whole: their order is a keyed permutation computed per position
+        self._lazy = {name: not isinstance(ts, TokenizedSet) for name, ts in self.data.items()}
         for name, ts in self.data.items():
-            ts.validate(name)
+            if not self._lazy[name]:
+                ts.validate(name)
         rates = rates if rates is not None else {t: float(len(ts)) for t, ts in self.data.items()}
         unknown = sorted(set(rates) - set(self.data))
         if unknown:
@@ -358,6 +365,8 @@ class ContrastiveBatchIterator:
         self.batch_size = int(batch_size)
         self.num_negatives = int(num_negatives)
         if converter is None:
+            if any(self._lazy.values()):
+                raise ValueError("sharded data needs an explicit converter (the buckets of the prepared lengths)")
             qmax = max(int(np.diff(ts.query_off).max()) for ts in self.data.values() if len(ts))
             dmax = max(
                 max(int(np.diff(ts.pos_off).max()), int(np.diff(ts.neg_off).max(initial=0)))
@@ -383,7 +392,8 @@ class ContrastiveBatchIterator:
         self.skipped_negatives = 0  # negatives passed over because their text was already in the batch
         exclude = exclude_negative_keys or {}
         self._valid_negs = {
-            t: self._clean_negatives(t, ts, exclude.get(t, ())) for t, ts in self.data.items()
+            t: None if self._lazy[t] else self._clean_negatives(t, ts, exclude.get(t, ()))
+            for t, ts in self.data.items()
         }
         self._fingerprint = hashlib.sha256(
             "|".join(f"{t}:{ts.fingerprint()}" for t, ts in self.data.items()).encode()
@@ -485,7 +495,9 @@ class ContrastiveBatchIterator:
         self.dropped_negatives[task] = dropped + foreign
         return out
 
-    def _perm(self, task: str, epoch: int) -> np.ndarray:
+    def _perm(self, task: str, epoch: int) -> Any:
+        if self._lazy[task]:
+            return KeyedPermutation(len(self.data[task]), _mix(self.seed, self._crc[task], epoch, 0xE90C))
         key = (task, epoch)
         if key not in self._perm_cache:
             if len(self._perm_cache) > 4 * len(self.data):
@@ -499,25 +511,26 @@ class ContrastiveBatchIterator:
         """Whether example i's query and positive texts are both new to the batch."""
         if not self.dedup:
             return True
-        k = int(ts.key_off[i])
-        return int(ts.keys[k]) not in used and int(ts.keys[k + 1]) not in used
+        k = ts.example_keys(i)
+        return int(k[0]) not in used and int(k[1]) not in used
 
     def _take(self, task: str, i: int, used: set[int]) -> Pick:
         """Puts example i in the batch: marks its texts used and chooses its negatives."""
         ts = self.data[task]
-        k0 = int(ts.key_off[i])
+        keys = ts.example_keys(i)
         if self.dedup:
-            used.add(int(ts.keys[k0]))
-            used.add(int(ts.keys[k0 + 1]))
+            used.add(int(keys[0]))
+            used.add(int(keys[1]))
         if not self.num_negatives:
             return Pick(task, i, ())
-        valid = self._valid_negs[task][i]
+        vn = self._valid_negs[task]
+        valid = np.arange(len(keys) - 2) if vn is None else vn[i]   # prepared data: cleaned when prepared
         if len(valid) > self.num_negatives:  # a fresh random subset each epoch, same on every run
-            epoch, idx = self._pos[task]["epoch"], int(ts.idx[i])
+            epoch, idx = self._pos[task]["epoch"], ts.example_index(i)
             valid = sorted(valid.tolist(), key=lambda j: _mix(self.seed, self._crc[task], epoch, idx, j))
         chosen: list[int] = []
         for j in valid:
-            kj = int(ts.keys[k0 + 2 + j])
+            kj = int(keys[2 + j])
             if self.dedup and kj in used:  # its text is already in the batch: use another (or mask)
                 self.skipped_negatives += 1
                 continue
@@ -555,6 +568,37 @@ class ContrastiveBatchIterator:
                 )
 
 
+class KeyedPermutation:
+    """A pseudo-random permutation of ``range(n)`` computed per position (a 4-round Feistel network over the
+    next even power of two, cycle-walking back into range), so shuffling 10M examples holds no index array.
+    Same key, same permutation, on every host and run."""
+
+    def __init__(self, n: int, key: int):
+        self.n, self.key = int(n), int(key)
+        bits = max(2, (max(self.n - 1, 1)).bit_length())
+        bits += bits % 2
+        self.half = bits // 2
+        self.mask = (1 << self.half) - 1
+        self.round_keys = [_mix(self.key, r) for r in range(4)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _encrypt(self, x: int) -> int:
+        left, right = x >> self.half, x & self.mask
+        for k in self.round_keys:
+            left, right = right, left ^ (_mix(k, right) & self.mask)
+        return (left << self.half) | right
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        x = self._encrypt(int(i))
+        while x >= self.n:
+            x = self._encrypt(x)
+        return x
+
+
 def _mix(*words: int) -> int:
     """A 64-bit hash of small integers (splitmix64 steps): cheap, deterministic per-item random keys."""
     h = 0x9E3779B97F4A7C15
@@ -566,6 +610,30 @@ def _mix(*words: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- multi-host
+class HostRows:
+    """This process's rows of a global batch iterator (every process runs the same one): rows
+    ``[i * B / n, (i + 1) * B / n)`` of each batch. Padded lengths are those of the global batch, so they agree
+    across processes."""
+
+    def __init__(self, it: ContrastiveBatchIterator, process_index: int, process_count: int):
+        self.it, self.index, self.count = it, process_index, process_count
+
+    def __iter__(self) -> "HostRows":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.it)
+        n = len(next(iter(batch.values())))
+        lo, hi = self.index * n // self.count, (self.index + 1) * n // self.count
+        return {k: v[lo:hi] for k, v in batch.items()}
+
+    def get_state(self) -> dict[str, Any]:
+        return self.it.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.it.set_state(state)
+
+
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """The rows each process contributes; the global batch must split evenly."""
     if global_batch_size % process_count:

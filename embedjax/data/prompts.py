@@ -25,6 +25,7 @@ EmbeddingGemma's prompts are ``gecko``'s (``task: search result | query: ...``, 
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 from typing import Any
 
@@ -160,6 +161,46 @@ def prompt_from_config(query_prompt: str = "", document_prompt: str = "") -> Pro
     q = query_prompt if "{" in query_prompt else query_prompt + "{text}"
     d = document_prompt if "{" in document_prompt else document_prompt + "{doc}"
     return Prompt(q, d, empty_title="none" if "title" in _fields(d) else "")
+
+
+def fill_instruction(template: str, instruction: str, field_names: tuple[str, ...] = ("task", "instruction")) -> str:
+    """`template` with its ``{task}`` / ``{instruction}`` fields replaced by `instruction` (braces in it escaped),
+    the other fields left in place: a task's own template in the same prompt language."""
+    if not instruction:
+        return template
+    value = instruction.replace("{", "{{").replace("}", "}}")
+    for name in field_names:
+        template = re.sub(r"(?<!\{)\{" + name + r"\}(?!\})", lambda _m: value, template)
+    return template
+
+
+def task_prompt(query_prompt: str = "", document_prompt: str = "", instruction: str = "",
+                document_instruction: str = "") -> Prompt | None:
+    """The `Prompt` of one task: the config's templates (``data.query_prompt`` / ``data.document_prompt``, which
+    may use ``{task}`` / ``{instruction}``) with the task's instruction filled in (Gecko's ``task: {task} |
+    query: {text}``, E5-instruct's ``Instruct: {task}\nQuery: {text}``, INSTRUCTOR's ``{instruction} {text}``);
+    the document side takes `document_instruction` for ``{instruction}`` and `instruction` for ``{task}``.
+    Training renders each task's examples with its own instruction; evaluation and export use
+    ``data.instruction`` (`config_prompt`)."""
+    q = fill_instruction(query_prompt, instruction)
+    d = fill_instruction(fill_instruction(document_prompt, instruction, ("task",)), document_instruction,
+                         ("instruction",))
+    return prompt_from_config(q, d)
+
+
+def config_prompt(data_cfg: Any) -> Prompt | None:
+    """The prompt a config evaluates and serves with: its templates with ``data.instruction`` (and
+    ``data.document_instruction``) filled in."""
+    return task_prompt(data_cfg.get("query_prompt", ""), data_cfg.get("document_prompt", ""),
+                       data_cfg.get("instruction", ""), data_cfg.get("document_instruction", ""))
+
+
+def config_prompt_strings(data_cfg: Any) -> tuple[str, str]:
+    """(query, document) prompt strings of `config_prompt`, for APIs that take prompt strings (evaluators)."""
+    q = fill_instruction(data_cfg.get("query_prompt", ""), data_cfg.get("instruction", ""))
+    d = fill_instruction(fill_instruction(data_cfg.get("document_prompt", ""), data_cfg.get("instruction", ""),
+                                          ("task",)), data_cfg.get("document_instruction", ""), ("instruction",))
+    return q, d
 
 
 def prompt_from_st(prompts: dict[str, str] | None) -> Prompt | None:

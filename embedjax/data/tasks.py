@@ -43,6 +43,7 @@ from embedjax.data import tf_tokenize
 from embedjax.data.pipeline import (
     BucketFeatureConverter,
     ContrastiveBatchIterator,
+    HostRows,
     TokenizedSet,
     local_batch_size,
     validate_rates,
@@ -518,27 +519,3 @@ def build_iterator(
         seed=seed,
         exclude_negative_keys={t: foreign for t in data} if foreign else None,
     )
-
-
-class HostRows:
-    """This process's rows of a global batch iterator (every process runs the same one): rows
-    ``[i * B / n, (i + 1) * B / n)`` of each batch. Padded lengths are those of the global batch, so they agree
-    across processes."""
-
-    def __init__(self, it: ContrastiveBatchIterator, process_index: int, process_count: int):
-        self.it, self.index, self.count = it, process_index, process_count
-
-    def __iter__(self) -> "HostRows":
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self.it)
-        n = len(next(iter(batch.values())))
-        lo, hi = self.index * n // self.count, (self.index + 1) * n // self.count
-        return {k: v[lo:hi] for k, v in batch.items()}
-
-    def get_state(self) -> dict[str, Any]:
-        return self.it.get_state()
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        self.it.set_state(state)

@@ -31,7 +31,7 @@ def pretrained_encoder(config):
     import jax
 
     from embedjax import sharding
-    from embedjax.data.prompts import prompt_from_config
+    from embedjax.data.prompts import config_prompt
     from embedjax.encoder import Encoder
     from embedjax.experiment import assemble
     from embedjax.models.source import resolve
@@ -41,7 +41,7 @@ def pretrained_encoder(config):
     source = resolve(config, weights=True)
     state, _ = exp.create_state(source.config, jax.random.key(config.seed), pretrained=source.params)
     return Encoder(source.config, state.params["model"], source.tokenizer, name=str(config.init_from), mesh=mesh,
-                   prompt=prompt_from_config(config.data.query_prompt, config.data.document_prompt))
+                   prompt=config_prompt(config.data))
 
 
 def ship(config, dest: Path) -> list[Path]:

@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 from embedjax import errors
-from embedjax.data.prompts import Prompt, prompt_from_config
+from embedjax.data.prompts import Prompt, config_prompt
 from embedjax.models.dual_encoder import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _read_workdir_config(workdir: Path) -> Any:
 
 def _training_prompt(cfg: Any) -> Prompt | None:
     """The Prompt the trainer built from ``data.query_prompt`` / ``data.document_prompt``."""
-    return prompt_from_config(cfg.data.get("query_prompt", ""), cfg.data.get("document_prompt", ""))
+    return config_prompt(cfg.data)
 
 
 def _from_workdir(workdir: Path, *, step: int | None, use_final: bool | None) -> ExportSource:

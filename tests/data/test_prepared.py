@@ -1,0 +1,251 @@
+"""Prepared data: sources in four file formats, per-task prompts, indexed shards, per-host shard ownership,
+streaming iteration that never materialises a task, exact resume, text keys for false-negative masks."""
+from __future__ import annotations
+
+import json
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedjax.data import prepared, records
+from embedjax.data.pipeline import KeyedPermutation
+from embedjax.data.prompts import task_prompt
+from embedjax.data.sources import DataError, doc_text
+from embedjax.tokenize import TextTokenizer, load_tokenizer
+
+GECKO = ("task: {task} | query: {text}", "title: {title} | text: {text}")
+INSTR = {"fact": "Given a scientific claim, retrieve documents that support or refute it",
+         "title": "Given a title, retrieve the paper"}
+
+
+def scifact_rows(shipped: Path, n: int = 240) -> dict[str, list[dict]]:
+    """Two tasks from shipped SciFact: claim -> abstract (with 2 negatives), title -> abstract."""
+    corpus = [json.loads(l) for l in (shipped / "scifact" / "corpus.jsonl").open()][: n + 8]
+    queries = [json.loads(l) for l in (shipped / "scifact" / "queries.jsonl").open()][:n]
+    fact = [{"query": q["text"], "positive": {"title": corpus[i]["title"], "text": corpus[i]["text"][:300]},
+             "negatives": [corpus[i + 1]["text"][:200], corpus[i + 2]["text"][:200]], "scores": [0.9, 0.2, 0.1]}
+            for i, q in enumerate(queries)]
+    title = [{"q": c["title"], "doc": c["text"][:300]} for c in corpus[:n // 2]]
+    return {"fact": fact, "title": title}
+
+
+def write_sources(root: Path, rows: dict[str, list[dict]], files_per_task: int = 4) -> list[dict]:
+    srcs = []
+    for task, rs in rows.items():
+        d = root / task
+        d.mkdir(parents=True)
+        for k in range(files_per_task):
+            records.write_jsonl(d / f"part-{k:03d}.jsonl", rs[k::files_per_task])
+        src = {"name": task, "files": str(d / "part-*.jsonl"), "instruction": INSTR[task]}
+        if task == "title":
+            src["fields"] = {"query": "q", "positive": "doc"}
+            src["rate"] = 0.5
+        srcs.append(src)
+    return srcs
+
+
+@pytest.fixture(scope="module")
+def minilm_tok(minilm_dir):
+    return TextTokenizer(load_tokenizer(minilm_dir), 64)
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory, shipped, minilm_tok):
+    root = tmp_path_factory.mktemp("prep")
+    rows = scifact_rows(shipped)
+    srcs = write_sources(root / "in", rows)
+    m = prepared.prepare(prepared.file_inputs(srcs), minilm_tok, root / "out", max_query_length=32,
+                         max_doc_length=64, prompts=GECKO, rows_per_shard=40, show_progress=False)
+    return root, rows, srcs, m
+
+
+def test_manifest_counts_tasks_and_shards(prep):
+    _, rows, _, m = prep
+    assert m["tasks"]["fact"]["examples"] == len(rows["fact"]) and m["tasks"]["title"]["examples"] == len(rows["title"])
+    # 4 files per task; 60 'fact' rows per file split at 40 rows -> 2 shards a file; 'title': 30 rows -> 1
+    assert m["tasks"]["fact"]["shards"] == 8 and m["tasks"]["title"]["shards"] == 4
+    assert m["tasks"]["title"]["rate"] == 0.5 and m["tasks"]["fact"]["instruction"] == INSTR["fact"]
+
+
+def test_tokens_are_the_prompted_texts_tokenised(prep, minilm_tok):
+    root, rows, _, _ = prep
+    data = prepared.PreparedData(root / "out")
+    sh = data.shards("fact")[0]          # file 0, part 0: rows 0, 4, 8, ... of 'fact'
+    ts = data.open(sh)
+    pr = task_prompt(*GECKO, INSTR["fact"])
+    for j in (0, 5):
+        ex = rows["fact"][4 * j]
+        q = pr.format_query(ex["query"])
+        assert q.startswith("task: Given a scientific claim") and q.endswith(ex["query"])
+        assert ts.query(j).tolist() == minilm_tok.tokenize([q], 32).ids[0]
+        d = pr.format_document(ex["positive"]["text"], ex["positive"]["title"])
+        assert ts.positive(j).tolist() == minilm_tok.tokenize([d], 64).ids[0]
+        assert ts.example_keys(j)[1] == prepared.text_key(doc_text(ex["positive"]["title"], ex["positive"]["text"]))
+        np.testing.assert_allclose(ts.example_scores(j), [0.9, 0.2, 0.1])
+        assert ts.num_negatives(j) == 2
+
+
+def test_formats_give_the_same_shards(tmp_path, prep, minilm_tok):
+    """Parquet, TFRecord (tf.train.Example) and ArrayRecord sources prepare to the JSONL source's arrays."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tensorflow.core.example import example_pb2
+
+    _, rows, _, _ = prep
+    rs = [{"query": r["query"], "positive": r["positive"]["text"], "negatives": r["negatives"],
+           "scores": r["scores"]} for r in rows["fact"][:30]]
+    records.write_jsonl(tmp_path / "a.jsonl", rs)
+    pq.write_table(pa.Table.from_pylist(rs), tmp_path / "a.parquet")
+
+    def example(r):
+        ex = example_pb2.Example()
+        for k in ("query", "positive"):
+            ex.features.feature[k].bytes_list.value.append(r[k].encode())
+        ex.features.feature["negatives"].bytes_list.value.extend(n.encode() for n in r["negatives"])
+        ex.features.feature["scores"].float_list.value.extend(r["scores"])
+        return ex.SerializeToString()
+
+    with open(tmp_path / "a.tfrecord", "wb") as f:   # TFRecord framing (CRCs are not checked on read)
+        for r in rs:
+            b = example(r)
+            f.write(struct.pack("<Q", len(b)) + b"\0" * 4 + b + b"\0" * 4)
+    w = ArrayRecordWriter(str(tmp_path / "a.array_record"), "group_size:1")
+    for r in rs:
+        w.write(example(r))
+    w.close()
+    got = {}
+    for fmt in ("jsonl", "parquet", "tfrecord", "array_record"):
+        src = {"name": "t", "files": str(tmp_path / f"a.{fmt}")}
+        m = prepared.prepare(prepared.file_inputs([src]), minilm_tok, tmp_path / f"out_{fmt}", max_query_length=32,
+                             max_doc_length=64, show_progress=False)
+        ts, _ = prepared.read_shard(str(tmp_path / f"out_{fmt}" / m["shards"][0]["path"]))
+        got[fmt] = ts
+    for fmt in ("parquet", "tfrecord", "array_record"):
+        for name in prepared.ARRAYS:
+            np.testing.assert_array_equal(getattr(got[fmt], name), getattr(got["jsonl"], name), err_msg=f"{fmt} {name}")
+
+
+def test_bad_rows_and_sources_name_the_file_and_row(tmp_path, minilm_tok):
+    records.write_jsonl(tmp_path / "a.jsonl", [{"query": "q", "positive": "p"}, {"query": "", "positive": "p"}])
+    with pytest.raises(DataError, match=r"a\.jsonl: row 2: 'query' must be a non-empty string"):
+        prepared.prepare(prepared.file_inputs([{"name": "t", "files": str(tmp_path / "a.jsonl")}]), minilm_tok,
+                         tmp_path / "o1", max_query_length=32, max_doc_length=64, show_progress=False)
+    with pytest.raises(DataError, match="unknown key"):
+        prepared.file_inputs([{"name": "t", "files": str(tmp_path / "a.jsonl"), "weight": 2}])
+    with pytest.raises(DataError, match="matches no file"):
+        prepared.file_inputs([{"name": "t", "files": str(tmp_path / "nope-*.jsonl")}])
+    with pytest.raises(DataError, match=r"field 'question' \(mapped to 'query'\) is missing"):
+        prepared.prepare(prepared.file_inputs([{"name": "t", "files": str(tmp_path / "a.jsonl"),
+                                                "fields": {"query": "question"}}]), minilm_tok,
+                         tmp_path / "o2", max_query_length=32, max_doc_length=64, show_progress=False)
+    # a prompt using {task} needs the task's instruction
+    records.write_jsonl(tmp_path / "b.jsonl", [{"query": "q", "positive": "p"}])
+    with pytest.raises(DataError, match="task 'nq'.*instruction"):
+        prepared.prepare(prepared.file_inputs([{"name": "nq", "files": str(tmp_path / "b.jsonl")}]), minilm_tok,
+                         tmp_path / "o3", max_query_length=32, max_doc_length=64, prompts=GECKO,
+                         show_progress=False)
+
+
+def test_keyed_permutation_is_a_permutation():
+    for n in (1, 2, 7, 64, 1000, 4097):
+        p = KeyedPermutation(n, 1234)
+        got = [p[i] for i in range(n)]
+        assert sorted(got) == list(range(n))
+    a, b = KeyedPermutation(1000, 1), KeyedPermutation(1000, 2)
+    assert [a[i] for i in range(20)] != [b[i] for i in range(20)]
+
+
+def _iterators(root, P, **kw):
+    out = []
+    for h in range(P):
+        data = prepared.PreparedData(root / "out")
+        it = prepared.build_iterator(data, global_batch_size=8 * P, max_query_length=32, max_doc_length=64,
+                                     process_index=h, process_count=P, seed=3, **kw)
+        out.append((data, it))
+    return out
+
+
+def test_two_hosts_open_disjoint_shards_and_see_every_example_once_per_epoch(prep):
+    root, rows, _, m = prep
+    its = _iterators(root, 2, group_by_task=False, num_negatives=2)
+    opened = [set(d.opened) for d, _ in its]
+    assert not opened[0] & opened[1]
+    assert opened[0] | opened[1] == {s["path"] for s in m["shards"]}
+    assert all(Counter(d.opened).most_common(1)[0][1] == 1 for d, _ in its)   # each opened once
+    # one epoch of each host's 'fact' share: every example exactly once over the two hosts
+    seen = Counter()
+    for d, it in its:
+        n_fact = len(it.data["fact"])
+        got = Counter()
+        while it._pos["fact"]["epoch"] == 0:
+            b = next(it)
+            got.update(b["example_idx"][b["task_id"] == it.converter.task_ids["fact"]].tolist())
+        # examples drawn in the batch that ended the epoch can belong to the next epoch: count the first n
+        assert len(got) == n_fact
+        seen.update(got.keys())
+    assert len(seen) == len(rows["fact"]) and max(seen.values()) == 1
+
+
+def test_one_task_per_batch_agrees_across_hosts_and_resumes_exactly(prep):
+    root, _, _, _ = prep
+    (_, a0), (_, a1) = _iterators(root, 2, num_negatives=1, with_keys=True)
+    for _ in range(3):
+        b0, b1 = next(a0), next(a1)
+        assert len(set(b0["task_id"].tolist())) == 1 and b0["task_id"][0] == b1["task_id"][0]
+    state = json.loads(json.dumps(a0.get_state()))
+    straight = [next(a0) for _ in range(6)]
+    (_, r0), _ = _iterators(root, 2, num_negatives=1, with_keys=True)
+    r0.set_state(state)
+    for b in straight:
+        nb = next(r0)
+        assert nb.keys() == b.keys()
+        for k in b:
+            np.testing.assert_array_equal(nb[k], b[k], err_msg=k)
+    assert {"query_key", "positive_key", "negative_key"} <= set(straight[0])
+
+
+def test_task_with_too_few_shards_for_the_hosts_is_an_error(prep):
+    root, _, _, _ = prep
+    data = prepared.PreparedData(root / "out")
+    with pytest.raises(DataError, match="task 'title' has 4 shard.*5 processes"):
+        prepared.build_iterator(data, global_batch_size=40, max_query_length=32, max_doc_length=64,
+                                process_index=0, process_count=5)
+
+
+def test_lengths_must_match_the_prepared_ones(prep):
+    root, _, _, _ = prep
+    with pytest.raises(DataError, match=r"prepared with max lengths \(32, 64\), the config asks \(32, 128\)"):
+        prepared.build_iterator(prepared.PreparedData(root / "out"), global_batch_size=8, max_query_length=32,
+                                max_doc_length=128)
+
+
+def test_prepare_resumes_after_a_kill_and_refuses_other_data(tmp_path, shipped, minilm_tok, monkeypatch):
+    rows = scifact_rows(shipped, 40)
+    srcs = write_sources(tmp_path / "in", rows, files_per_task=2)
+    inputs = prepared.file_inputs(srcs)
+    calls = []
+    real = prepared._prepare_input
+
+    def dying(n, inp, *a, **k):
+        calls.append(n)
+        if n == 2:
+            raise KeyboardInterrupt   # killed while preparing the third input
+        return real(n, inp, *a, **k)
+
+    monkeypatch.setattr(prepared, "_prepare_input", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepared.prepare(inputs, minilm_tok, tmp_path / "out", max_query_length=32, max_doc_length=64,
+                         show_progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    monkeypatch.setattr(prepared, "_prepare_input", lambda n, *a, **k: (calls.append(n), real(n, *a, **k))[1])
+    m = prepared.prepare(inputs, minilm_tok, tmp_path / "out", max_query_length=32, max_doc_length=64,
+                         show_progress=False)
+    assert calls == [0, 1, 2, 2, 3]        # inputs 0 and 1 were not read again
+    assert m["stats"]["examples"] == len(rows["fact"]) + len(rows["title"])
+    with pytest.raises(DataError, match="prepared differently"):
+        prepared.prepare(inputs, minilm_tok, tmp_path / "out", max_query_length=16, max_doc_length=64,
+                         show_progress=False)
