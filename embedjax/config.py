@@ -47,7 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.name": LOSS_NAMES,
     "optim.name": ("adamw", "adafactor"),
     "optim.decay": ("linear", "cosine", "constant"),
-    "data.kind": ("beir", "pairs", "stsb"),
+    "data.kind": ("beir", "pairs", "stsb", "files", "seqio", "tfds", "prepared"),
     "data.on_error": ("raise", "skip"),
     "data.host_order": ("per_host", "global"),
     "best_mode": ("max", "min"),
@@ -57,6 +57,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "remat_policy": ("none", "full", "dots"),      # embedjax.models.layers.REMAT_POLICIES
 }
 EVAL_KINDS: tuple[str, ...] = ("beir", "stsb")
+# data.kind -> the data.* keys it reads beyond those every kind reads; a key another kind reads, set to a
+# non-default value, is an error (it would be ignored).
+_DATA_COMMON = ("kind", "query_prompt", "document_prompt", "instruction", "document_instruction", "num_negatives",
+                "host_order", "one_task_per_batch")
+_PREPARE_KEYS = ("prepared_dir", "rows_per_shard", "instructions")
+DATA_KEYS: dict[str, tuple[str, ...]] = {
+    "beir": ("path", "split", "on_error"), "pairs": ("path", "on_error"), "stsb": ("path", "on_error"),
+    "files": ("sources",) + _PREPARE_KEYS,
+    "seqio": ("mixture", "module", "split", "num_shards") + _PREPARE_KEYS,
+    "tfds": ("tfds_name", "tfds_data_dir", "split", "fields", "num_shards") + _PREPARE_KEYS,
+    "prepared": ("path",),
+}
 # Losses that need something of the data: scored pairs, or hard negatives with teacher scores.
 _NEEDS_SCORES = {"cosent": "data.kind='stsb' (scored pairs)", "angle": "data.kind='stsb' (scored pairs)"}
 _NEEDS_NEGATIVES = ("distill_kl", "margin_mse")
@@ -101,6 +113,20 @@ def base_config() -> ConfigDict:
     c.data.on_error = "raise"
     c.data.host_order = "per_host"         # per_host: each host reads its shard | global: every host reads all
                                            # data and takes its rows of one global order (host-count invariant)
+    c.data.one_task_per_batch = True       # every global batch holds one task (drawn by rate, same on all hosts)
+    # streamed kinds (embedjax/data/inputs.py): prepared once into indexed shards, each host opens its own
+    c.data.sources = []                    # files: [{name, files (glob, local or gs://), format, fields,
+                                           #   instruction, document_instruction, rate}, ...]
+    c.data.mixture = ""                    # seqio: a registered Task or Mixture
+    c.data.module = ""                     # seqio: the module that registers it (imported first)
+    c.data.tfds_name = ""                  # tfds: name[/config][:version]
+    c.data.tfds_data_dir = ""
+    c.data.fields = {}                     # tfds: our field -> the dataset's feature
+    c.data.instructions = {}               # task -> instruction (tasks whose source gives none)
+    c.data.num_shards = 16                 # seqio / tfds: input read in this many parts (one shard or more each)
+    c.data.rows_per_shard = 200_000        # prepared shards hold at most this many examples
+    c.data.prepared_dir = ""               # where the prepared shards go (default WORKDIR/prepared; a bucket on
+                                           # a pod); `embedjax prepare --config` fills it ahead of time
     c.batch_size = 32                      # global
     c.num_steps = 100
     # loss
@@ -214,15 +240,19 @@ def apply_override(cfg: ConfigDict, override: str) -> None:
         raise ConfigError(f"override {override!r}: {e}") from e
 
 
+_FREE_FORM = ("model_config", "data.fields", "data.instructions")
+
+
 def _unknown_keys(cfg: Any, ref: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
     """(dotted key, the keys known at that level) for every key of `cfg` that `ref` (the base config) lacks.
-    model_config is free-form here (ModelConfig.from_dict checks it)."""
+    model_config is free-form here (ModelConfig.from_dict checks it), and so are data.fields / data.instructions
+    (their keys are field and task names, checked when the data is read)."""
     out = []
     for k in cfg.keys():
         key = f"{prefix}{k}"
         if k not in ref:
             out.append((key, sorted(ref.keys())))
-        elif key != "model_config" and isinstance(ref[k], ConfigDict):
+        elif key not in _FREE_FORM and isinstance(ref[k], ConfigDict):
             sub = cfg[k]
             if isinstance(sub, (ConfigDict, dict)):
                 out += _unknown_keys(ConfigDict(sub) if isinstance(sub, dict) else sub, ref[k], key + ".")
@@ -240,6 +270,33 @@ def _plain(v: Any) -> Any:
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
+def _check_data_keys(cfg: ConfigDict) -> None:
+    """A data.* key that the chosen data.kind does not read, set to a non-default value, is an error."""
+    base, kind = base_config().data, cfg.data.kind
+    reads = set(_DATA_COMMON) | set(DATA_KEYS[kind])
+    for key in sorted(cfg.data.keys()):
+        if key in reads or key not in base:
+            continue
+        v, b = cfg.data[key], base[key]
+        v = v.to_dict() if isinstance(v, ConfigDict) else _plain(v)
+        b = b.to_dict() if isinstance(b, ConfigDict) else _plain(b)
+        if v != b:
+            raise ConfigError(f"config: data.{key} is not read by data.kind {kind!r} (it reads "
+                              f"{', '.join('data.' + k for k in sorted(reads))})")
+    if kind in ("files",):
+        from embedjax.data.records import check_source
+        from embedjax.errors import DataError
+
+        for n, src in enumerate(cfg.data.sources):
+            try:
+                check_source(src.to_dict() if isinstance(src, ConfigDict) else dict(src), f"data.sources[{n}]")
+            except DataError as e:
+                raise ConfigError(f"config: {e}") from None
+        names = [s["name"] for s in cfg.data.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"config: data.sources names a task twice: {names}")
+
+
 def validate(cfg: ConfigDict) -> None:
     """Checks every key and every named choice of a config (one line naming the key and what is valid);
     nothing is written anywhere before this passes."""
@@ -253,6 +310,7 @@ def validate(cfg: ConfigDict) -> None:
         value = _get(cfg, key)
         if value not in names:
             raise ConfigError(f"config: {key} {value!r} is not one of {', '.join(names)}")
+    _check_data_keys(cfg)
     for spec in cfg.eval.tasks:
         kind, _, rest = str(spec).partition(":")
         if kind not in EVAL_KINDS or not rest.partition(":")[0]:

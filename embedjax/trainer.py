@@ -33,8 +33,18 @@ class TrainingDiverged(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- pieces
 
-def build_train_iterator(config: ConfigDict, model_dir: Path):
-    """The per-host resumable iterator from the configured data (seqio task over a local TFDS builder)."""
+def build_train_iterator(config: ConfigDict, model_dir: Path, *, hf_tokenizer: Any = None, workdir: Any = None):
+    """The per-host resumable iterator of the configured data: streamed prepared shards (data.kind files /
+    seqio / tfds / prepared, `embedjax.data.inputs`) or the shipped-format readers (beir / pairs / stsb, a
+    seqio task over a local TFDS builder, read whole on each host)."""
+    from embedjax.data import inputs
+
+    if config.data.kind in inputs.STREAMED_KINDS:
+        from embedjax.tokenize import TextTokenizer, load_tokenizer
+
+        tok = TextTokenizer(hf_tokenizer if hf_tokenizer is not None else load_tokenizer(model_dir),
+                            int(config.max_document_length))
+        return inputs.train_iterator(config, tok, workdir)
     from embedjax.data import tasks
     from embedjax.data.pipeline import with_text_keys
     from embedjax.data.prompts import config_prompt
@@ -53,6 +63,7 @@ def build_train_iterator(config: ConfigDict, model_dir: Path):
                                 max_query_length=config.max_query_length,
                                 max_doc_length=config.max_document_length, num_negatives=d.num_negatives,
                                 dedup=kind != "scored_pairs", seed=config.seed, host_order=d.host_order,
+                                group_by_task=bool(d.one_task_per_batch),
                                 with_keys=with_text_keys(config))
 
 
@@ -200,6 +211,7 @@ class Run:
     start: int                             # the step this process started (or resumed) at
     step: int
     data_state: Any = None                 # the iterator's state after the last batch taken
+    task_names: list = dataclasses.field(default_factory=list)   # tasks of the data (one per batch: logged)
     last_ckpt: int | None = None
     stop: bool = False                     # preemption / stop requested: checkpoint and leave the loop
     eval_metrics: dict[str, float] | None = None   # this step's evaluation, if one ran
@@ -262,9 +274,14 @@ class LogMetrics(Action):
             elif s % self.every == 0 or time.time() - self.last_line >= self.seconds:
                 self.last_line = time.time()
                 sps = self.timed / max(time.time() - self.t0, 1e-9)
-                log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s", s, self.total,
+                extra = ""
+                if "task_id" in m and run.task_names:
+                    extra += f"  task {run.task_names[int(m['task_id'])]}"
+                if "false_negatives" in m:
+                    extra += f"  masked false negatives {m['false_negatives']:.2f}/query"
+                log.info("step %d/%d  loss %.4f  acc %.3f  %.2f step/s  %.1f ex/s  ETA %s%s", s, self.total,
                          m["loss"], m.get("accuracy", float("nan")), sps, sps * self.batch,
-                         fmt_duration((self.total - s) / sps) if sps > 0 else "?")
+                         fmt_duration((self.total - s) / sps) if sps > 0 else "?", extra)
                 run.writer.write(s, {**{f"train/{k}": v for k, v in m.items()},
                                      "perf/examples_per_second": sps * self.batch})
             self.timed += 1
@@ -335,13 +352,20 @@ def train_loop(run: Run, step_fn: Callable, train_iter: Iterator, actions: list[
         return train_iter.get_state() if hasattr(train_iter, "get_state") else None
 
     run.data_state = iterator_state()
+    # with one task per batch over several tasks, each step's task is logged (a host-side value)
+    tasks = list(getattr(train_iter, "task_names", ()))
+    per_task = len(tasks) > 1 and bool(run.config.data.get("one_task_per_batch", False))
     for action in actions:
         action.begin(run)
     with jax.set_mesh(run.mesh):
         while run.step < run.config.num_steps and not run.stop:
-            batch = sharding.global_batch(device_batch(next(train_iter)), run.mesh)
+            local = next(train_iter)
+            batch = sharding.global_batch(device_batch(local), run.mesh)
             run.data_state = iterator_state()
             run.state, metrics = step_fn(run.state, batch)
+            if per_task:
+                metrics = {**metrics, "task_id": np.int32(local["task_id"][0])}
+                run.task_names = tasks
             run.step += 1
             run.eval_metrics = None
             for action in actions:
@@ -455,7 +479,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     if train_iter is None:
         from embedjax.quiet import captured_native_stderr
         with captured_native_stderr():   # TF's native notices while the input pipeline is built
-            train_iter = build_train_iterator(config, source.tokenizer_dir)
+            train_iter = build_train_iterator(config, source.tokenizer_dir, hf_tokenizer=source.tokenizer,
+                                              workdir=workdir)
     state, shards, data_state, start = initial_state(exp, ckpt, source, config)
     if data_state is not None and hasattr(train_iter, "set_state"):
         train_iter.set_state(data_state)

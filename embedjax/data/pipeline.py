@@ -402,6 +402,11 @@ class ContrastiveBatchIterator:
         self.step = 0
         self._pos = {t: {"epoch": 0, "position": 0, "deferred": []} for t in self.data}
 
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in the order of the batch's ``task_id``."""
+        return sorted(self.converter.task_ids, key=self.converter.task_ids.get)
+
     # ------------------------------------------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
         """The iterator's position as a JSON-able dict (store it next to the model checkpoint)."""
@@ -626,6 +631,10 @@ class HostRows:
         n = len(next(iter(batch.values())))
         lo, hi = self.index * n // self.count, (self.index + 1) * n // self.count
         return {k: v[lo:hi] for k, v in batch.items()}
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.it.task_names
 
     def get_state(self) -> dict[str, Any]:
         return self.it.get_state()
