@@ -266,12 +266,14 @@ def _rope_theta(cfg: dict[str, Any], c: dict[str, Any], layer_type: str | None) 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer for causal decoding: `layers[i]` = (k [B, T, G, K], v [B, T, G, K]) over T
-    slots; `mask` [B, T] is 1 at the slots that hold a real token (the prompt's and those decoded so far, this
-    step's included); `index` is the slot of the first token of this call (0 for the prompt, then one slot per
-    decoded token). Every row writes the same slots (prompts are left-padded to a common length), so one
-    `dynamic_update_slice` writes a step. Every layer keeps all T slots: sliding-window layers mask the keys
-    outside their window rather than keeping a ring buffer (simpler, more memory)."""
+    """Keys and values of every layer for causal decoding: `layers[i]` = (k [B, G, T, K], v [B, G, T, K]) over T
+    slots (heads before slots: each step's attention reads every row's and head's slots as one contiguous block,
+    where a [B, T, G, K] cache had XLA on CPU transpose the whole cache in every layer at every step); `mask` [B, T]
+    is 1 at the slots that hold a real token (the prompt's and those decoded so far, this step's included); `index`
+    is the slot of the first token of this call (0 for the prompt, then one slot per decoded token). Every row
+    writes the same slots (prompts are left-padded to a common length), so one `dynamic_update_slice` writes a step.
+    Every layer keeps all T slots: sliding-window layers mask the keys outside their window rather than keeping a
+    ring buffer (simpler, more memory)."""
 
     layers: tuple[tuple[jax.Array, jax.Array], ...]
     mask: jax.Array
@@ -280,15 +282,15 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: DecoderConfig, batch: int, slots: int, dtype: Any = None) -> "KVCache":
-        shape = (batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
         dt = jnp.dtype(dtype or cfg.dtype)
         layers = tuple((_constrain_cache(jnp.zeros(shape, dt)), _constrain_cache(jnp.zeros(shape, dt)))
                        for _ in range(cfg.num_hidden_layers))
         return cls(layers=layers, mask=jnp.zeros((batch, slots), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
-def _constrain_cache(x_BxTxGxK):
-    return logical_constraint(x_BxTxGxK, ("activation_batch", "activation_length", None, None))
+def _constrain_cache(x_BxGxTxK):
+    return logical_constraint(x_BxGxTxK, ("activation_batch", None, "activation_length", None))
 
 
 def _constrain(x_BxLxD):
@@ -334,9 +336,9 @@ class DecoderLayer(nn.Module):
             if cfg.attention != "causal":
                 raise ValueError("a key / value cache needs causal attention (this decoder is bidirectional)")
             k_cache, v_cache = kv.layers[kv.layer]
-            at = (0, kv.index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxLxGxK.astype(k_cache.dtype), at)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxLxGxK.astype(v_cache.dtype), at)
+            at = (0, 0, kv.index, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxLxGxK.swapaxes(1, 2).astype(k_cache.dtype), at)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxLxGxK.swapaxes(1, 2).astype(v_cache.dtype), at)
             ctx = cached_attention(q_BxLxHxK, k_cache.astype(dtype), v_cache.astype(dtype), kv.mask, kv.index,
                                    scale=cfg.attention_scale, window=window)
             new_kv = (k_cache, v_cache)

@@ -323,23 +323,32 @@ def masked_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
     return jnp.swapaxes(out, 0, 1).reshape(q_BxLxHxK.shape[:3] + out.shape[-1:])
 
 
-def cached_attention(q_BxQxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array, mask_BxT: jax.Array,
+def cached_attention(q_BxQxHxK: jax.Array, k_BxGxTxK: jax.Array, v_BxGxTxK: jax.Array, mask_BxT: jax.Array,
                      first_slot: Any, *, scale: float, window: int | None = None) -> jax.Array:
     """Causal attention of Q queries, at slots `first_slot` .. `first_slot` + Q - 1 of a key / value cache of T
-    slots, over the cache (the queries' own keys already written into it). A query at slot i sees the keys at
-    slots j <= i where `mask_BxT` is 1 (with `window`: i - window <= j <= i), the index-based masks
-    `masked_attention(causal=True)` builds for a whole sequence, so prefill and step-by-step decoding compute the
-    same thing. Grouped-query heads and fully masked rows as in `masked_attention`. Logits and softmax in float32
-    (`jax.nn.dot_product_attention`'s XLA implementation)."""
-    Q, T = q_BxQxHxK.shape[1], k_BxTxGxK.shape[1]
+    slots ([B, G, T, K]: heads before slots, `decoder.KVCache`), over the cache (the queries' own keys already
+    written into it). A query at slot i sees the keys at slots j <= i where `mask_BxT` is 1 (with `window`:
+    i - window <= j <= i), the index-based masks `masked_attention(causal=True)` builds for a whole sequence, so
+    prefill and step-by-step decoding compute the same thing. Grouped-query heads (query head h reads key / value
+    head h // (H / G), as transformers' `repeat_kv`) and fully masked rows (a uniform average of the values, never
+    NaN) as in `masked_attention`; the math of `jax.nn.dot_product_attention`'s XLA implementation (logits and
+    softmax in float32, masked logits at -0.7 x the float32 maximum), written as two einsums over the cache's own
+    layout so that no step copies or transposes the cache (the cache's [B, G] lead the batched matmuls)."""
+    B, Q, H, K = q_BxQxHxK.shape
+    G, T = k_BxGxTxK.shape[1], k_BxGxTxK.shape[2]
+    q_BxGxRxQxK = q_BxQxHxK.reshape(B, Q, G, H // G, K).transpose(0, 2, 3, 1, 4)
+    logits_BxGxRxQxT = jnp.einsum("bgrqk,bgtk->bgrqt", q_BxGxRxQxK, k_BxGxTxK, preferred_element_type=jnp.float32)
+    logits_BxGxRxQxT = logits_BxGxRxQxT * jnp.float32(scale)
     q_slot_Qx1 = (first_slot + jnp.arange(Q, dtype=jnp.int32))[:, None]
     k_slot_1xT = jnp.arange(T, dtype=jnp.int32)[None, :]
     near_QxT = k_slot_1xT <= q_slot_Qx1
     if window is not None:
         near_QxT &= q_slot_Qx1 - k_slot_1xT <= window
-    mask_Bx1xQxT = mask_BxT[:, None, None, :].astype(bool) & near_QxT[None, None]
-    return jax.nn.dot_product_attention(q_BxQxHxK, k_BxTxGxK, v_BxTxGxK, mask=mask_Bx1xQxT, scale=scale,
-                                        implementation="xla")
+    mask_Bx1x1xQxT = mask_BxT[:, None, None, None, :].astype(bool) & near_QxT[None, None, None]
+    big_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(jnp.where(mask_Bx1x1xQxT, logits_BxGxRxQxT, big_negative), axis=-1)
+    ctx_BxGxRxQxK = jnp.einsum("bgrqt,bgtk->bgrqk", probs.astype(v_BxGxTxK.dtype), v_BxGxTxK)
+    return ctx_BxGxRxQxK.transpose(0, 3, 1, 2, 4).reshape(B, Q, H, K)
 
 
 def compute_platform() -> str:
