@@ -25,6 +25,7 @@ _EXTERNAL = {
     "export": "embedjax.export.cli",
     "aot": "embedjax.aot",
     "synth": "embedjax.synth",
+    "prepare": "embedjax.data.inputs",
 }
 
 
@@ -348,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown or (overrides and args.command != "train"):
+    if unknown or (overrides and args.command not in ("train", "prepare")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    args.config_overrides = overrides
     from embedjax import quiet
 
     if args.verbose:

@@ -72,7 +72,8 @@ def _softmax(name: str):
                              **_matryoshka(loss_cfg))
         t0 = float(loss_cfg["temperature"])
         learn_t = bool(loss_cfg["learn_temperature"])
-        mask_fn = bool(loss_cfg.get("mask_false_negatives", False))
+        # the ring form has no false-negative masks (config.LOSS_KEYS refuses the key for it)
+        mask_fn = False if name.endswith("_ring") else bool(loss_cfg["mask_false_negatives"])
 
         def objective(e, lp, batch):
             t = jnp.exp(lp["log_t"]) if learn_t else t0

@@ -257,3 +257,38 @@ def describe(manifest: Mapping[str, Any]) -> str:
                      f"{info['instruction']!r}")
     return "\n".join(lines)
 
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("prepare", help="tokenise a config's training data once into indexed shards",
+                       description="Reads the config's data (data.kind files / seqio / tfds), renders each task's "
+                                   "prompt, tokenises with the model's tokenizer and writes indexed shards where "
+                                   "`embedjax train` looks for them (data.prepared_dir, default WORKDIR/prepared). "
+                                   "Resumable: run it again after a failure. Overrides: --config.KEY=VALUE.")
+    p.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
+    p.add_argument("--workdir", default=None, help="the training run's workdir (shards go to WORKDIR/prepared "
+                                                   "unless the config sets data.prepared_dir)")
+    p.add_argument("--out", default=None, help="write here instead (then train with --config.data.prepared_dir=OUT)")
+    p.set_defaults(func=run)
+
+
+def run(args: Any) -> int:
+    from embedjax.config import load_config
+    from embedjax.errors import CLIError
+    from embedjax.models.source import resolve
+    from embedjax.tokenize import TextTokenizer
+
+    config = load_config(args.config, list(getattr(args, "config_overrides", []) or []))
+    if config.data.kind not in ("files", "seqio", "tfds"):
+        raise CLIError(f"data.kind {config.data.kind!r} is not prepared (prepare reads kinds files, seqio, tfds)")
+    if not (args.out or args.workdir or config.data.prepared_dir):
+        raise CLIError("give --workdir (the run's) or --out, or set data.prepared_dir in the config")
+    out = args.out or prepared_dir(config, args.workdir or "")
+    source = resolve(config, weights=False)
+    tok = TextTokenizer(source.tokenizer, int(config.max_document_length))
+    manifest = prepare_for_config(config, tok, out)
+    print(f"prepared {out}:\n{describe(manifest)}")
+    if args.out and args.out != prepared_dir(config, args.workdir or ""):
+        print(f"train on it with --config.data.prepared_dir={args.out}")
+    return 0
