@@ -10,6 +10,7 @@ On a terminal it is a tqdm bar. When stderr is not a terminal (a log file, `tpu/
 cell captured to a file) it logs a line `desc: done/total unit (pct), rate, ETA` at the first update after
 `every` seconds (30 by default, `EMBEDJAX_PROGRESS_SECONDS`) and one at the end, so a phase of minutes is
 never silent. `show=False` turns both off; `show=None` (the default) and `show=True` pick by the terminal.
+`initial`: work already done before this run (a resumed job): counted in done/total, not in the rate and ETA.
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ class Progress:
     """A tqdm-like counter: `update(n)`, `close()`, a context manager; see the module docstring."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", show: bool | None = None,
-                 every: float | None = None):
-        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+                 every: float | None = None, initial: int = 0):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, int(initial)
+        self._n0 = self.n
         self._bar = None
         self._lines = False
         self._t0 = self._last = time.time()
@@ -56,7 +58,7 @@ class Progress:
             return
         if is_terminal():
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit=unit)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, initial=self.n)
         else:
             self._lines = True
 
@@ -70,7 +72,7 @@ class Progress:
     def _log(self, final: bool = False) -> None:
         self._last = now = time.time()
         el = now - self._t0
-        rate = self.n / el if el > 0 else 0.0
+        rate = (self.n - self._n0) / el if el > 0 else 0.0
         if self.total:
             pct = f" ({100.0 * self.n / self.total:.0f}%)"
             done = f"{self.n}/{self.total}"
@@ -96,8 +98,9 @@ class Progress:
         self.close()
 
 
-def progress(total: int | None, desc: str, unit: str = "it", show: bool | None = None) -> Progress:
-    return Progress(total, desc, unit, show)
+def progress(total: int | None, desc: str, unit: str = "it", show: bool | None = None,
+             initial: int = 0) -> Progress:
+    return Progress(total, desc, unit, show, initial=initial)
 
 
 def track(items: Iterable[Any], desc: str, unit: str = "it", show: bool | None = None,
