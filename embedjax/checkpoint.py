@@ -29,10 +29,26 @@ _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
 def as_path(p: Any):
-    """An etils.epath.Path: local paths and gs:// alike."""
+    """An etils.epath.Path: local paths and gs:// alike (gs:// through gcsfs: see embedjax/__init__.py)."""
     from etils import epath
 
+    if str(p).startswith("gs://"):
+        _require_gcs_client()
     return epath.Path(p)
+
+
+def _require_gcs_client() -> None:
+    import importlib.util
+    import os
+
+    from embedjax.errors import EmbedjaxError
+
+    uses_tf = os.environ.get("EPATH_USE_TF", "").lower() not in ("false", "no", "f", "0")
+    if uses_tf and importlib.util.find_spec("tensorflow") is not None:
+        return   # the user asked for tf.io.gfile
+    if importlib.util.find_spec("gcsfs") is None:
+        raise EmbedjaxError("gs:// paths need gcsfs (etils.epath's client for Google Cloud Storage): "
+                            "pip install 'embedjax[gcs]'")
 
 
 def incomplete_checkpoints(directory: Any) -> list[tuple[int, Any]]:

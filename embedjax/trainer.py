@@ -93,7 +93,10 @@ def build_evaluators(config: ConfigDict) -> dict[str, Any]:
 
 class MetricWriter:
     """JSON lines (metrics.jsonl) + TensorBoard event files (tensorboardX) when installed; process 0 only.
-    Local workdirs append; object stores (gs://, no append) get the whole file rewritten on each write."""
+    Local workdirs append; object stores (gs://, no append) get the whole file rewritten on each write. On an
+    object store the TensorBoard events are written to a local folder and each events file is copied to
+    ``<workdir>/tensorboard`` after every write (through etils.epath, the client every other workdir file
+    uses): tensorboardX's own gs:// writer uploads again when it is garbage-collected, even after close()."""
 
     def __init__(self, workdir: Any):
         self.enabled = jax.process_index() == 0
@@ -101,25 +104,36 @@ class MetricWriter:
         self._remote = "://" in str(workdir)
         self._lines: list[str] = []
         self._tb = None
+        self._tb_remote = workdir / "tensorboard"
+        self._tb_local: Path | None = None
         if self.enabled:
             if self._remote and self.path.exists():
                 self._lines = self.path.read_text().splitlines(keepends=True)
             try:
                 from tensorboardX import SummaryWriter
-                if self._remote and str(workdir).startswith("gs://"):
-                    from tensorboardX import record_writer
-                    if not record_writer.GCS_ENABLED:
-                        raise RuntimeError("TensorBoard events on gs:// need google-cloud-storage "
-                                           "(pip install 'embedjax[tpu]')")
-                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+                logdir = str(self._tb_remote)
+                if self._remote:
+                    import tempfile
+                    self._tb_local = Path(tempfile.mkdtemp(prefix="embedjax_tensorboard_"))
+                    logdir = str(self._tb_local)
+                self._tb = SummaryWriter(logdir)
             except ImportError:
                 log.info("tensorboardX not installed: metrics go to %s only (no TensorBoard)", self.path)
-            except Exception as e:  # noqa: BLE001 - e.g. gs:// without google-cloud-storage
-                log.warning("no TensorBoard events (%s: %s); metrics go to %s", type(e).__name__, e, self.path)
+
+    def _upload_events(self) -> None:
+        for p in sorted(self._tb_local.iterdir()):
+            (self._tb_remote / p.name).write_bytes(p.read_bytes())
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+            if self._tb_local is not None:
+                self._upload_events()
+        if self._tb_local is not None:
+            import shutil
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -135,6 +149,8 @@ class MetricWriter:
             for k, v in metrics.items():
                 self._tb.add_scalar(k.replace("@", "_at_"), v, step)
             self._tb.flush()
+            if self._tb_local is not None:
+                self._upload_events()
 
 
 class PreemptionWatcher:
@@ -468,8 +484,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path, *,
     mesh = sharding.make_mesh(dict(config.mesh), devices=devices)
     exp = assemble(config, mesh)
     if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        workdir.mkdir(parents=True, exist_ok=True)   # on an object store: nothing (no folders there)
+        try:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        except FileNotFoundError as e:
+            if "://" not in str(workdir):
+                raise
+            from embedjax.errors import EmbedjaxError
+            raise EmbedjaxError(f"workdir {workdir}: cannot write {workdir / 'config.json'}: not found (does "
+                                f"the bucket exist?); the store said: {e}") from None
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,

@@ -19,6 +19,7 @@ if "EMBEDJAX_CACHE_DIR" not in os.environ:   # corpus-embedding caches of this s
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from _gcs import gcs_bucket, gcs_path  # noqa: E402, F401  (a local GCS emulator: tests/_gcs.py)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
