@@ -272,12 +272,12 @@ class BucketFeatureConverter:
         return out
 
     def _pad(self, rows: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+        lengths = np.fromiter((len(x) for x in rows), np.int64, len(rows))
+        keep = np.arange(length)[None, :] < lengths[:, None]          # rows are never longer than `length`
         ids = np.full((len(rows), length), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for b, x in enumerate(rows):
-            ids[b, : len(x)] = x
-            mask[b, : len(x)] = 1
-        return ids, mask
+        if len(rows):
+            ids[keep] = np.concatenate(rows)
+        return ids, keep.astype(np.int32)
 
 
 def text_key_words(keys: np.ndarray) -> np.ndarray:
@@ -345,7 +345,7 @@ class ContrastiveBatchIterator:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data = dict(sorted(data.items()))
-        # in-memory sets are checked whole; sharded ones (`prepared.ShardedTask`, memory-mapped) were checked
+        # in-memory sets are checked whole; sharded ones (`prepared.ShardedTask`, read on demand) were checked
         # when prepared and are never read whole: their order is a keyed permutation computed per position
         self._lazy = {name: not isinstance(ts, TokenizedSet) for name, ts in self.data.items()}
         for name, ts in self.data.items():
@@ -501,15 +501,16 @@ class ContrastiveBatchIterator:
         return out
 
     def _perm(self, task: str, epoch: int) -> Any:
-        if self._lazy[task]:
-            return KeyedPermutation(len(self.data[task]), _mix(self.seed, self._crc[task], epoch, 0xE90C))
         key = (task, epoch)
         if key not in self._perm_cache:
             if len(self._perm_cache) > 4 * len(self.data):
                 self._perm_cache.clear()
-            self._perm_cache[key] = _rng(self.seed, self._crc[task], epoch, 0xE90C).permutation(
-                len(self.data[task])
-            )
+            if self._lazy[task]:
+                self._perm_cache[key] = KeyedPermutation(len(self.data[task]),
+                                                         _mix(self.seed, self._crc[task], epoch, 0xE90C))
+            else:
+                self._perm_cache[key] = _rng(self.seed, self._crc[task], epoch, 0xE90C).permutation(
+                    len(self.data[task]))
         return self._perm_cache[key]
 
     def _fits(self, ts: TokenizedSet, i: int, used: set[int]) -> bool:
@@ -584,16 +585,18 @@ class KeyedPermutation:
         bits += bits % 2
         self.half = bits // 2
         self.mask = (1 << self.half) - 1
-        self.round_keys = [_mix(self.key, r) for r in range(4)]
+        self.round_keys = [_mix(self.key, r) | 1 for r in range(4)]
 
     def __len__(self) -> int:
         return self.n
 
     def _encrypt(self, x: int) -> int:
         left, right = x >> self.half, x & self.mask
-        for k in self.round_keys:
-            left, right = right, left ^ (_mix(k, right) & self.mask)
-        return (left << self.half) | right
+        h, m = self.half, self.mask
+        for k in self.round_keys:   # round function: multiply-xorshift of (right, key), top bits kept
+            f = ((right + k) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+            left, right = right, left ^ ((f ^ (f >> 29)) >> (64 - h) & m if h else 0)
+        return (left << h) | right
 
     def __getitem__(self, i: int) -> int:
         if not 0 <= i < self.n:

@@ -9,9 +9,10 @@ each task's prompt with its instruction, tokenises with the model's tokenizer an
     OUT/parts/00003.json              input file 3 is done (prepare resumes after a kill at file granularity)
 
 A shard file holds a JSON header and flat little-endian arrays, the layout of `pipeline.TokenizedSet`
-(token ids and offsets of queries, positives, negatives; 64-bit text keys; scores; the example's id). A
-reader memory-maps them (``gs://`` shards are first copied to a local cache), so opening costs a header read
-and memory grows only with what is touched.
+(token ids and offsets of queries, positives, negatives; 64-bit text keys; scores; the example's id), plus a
+per-example index record of all its offsets. A reader (`PreadShard`) reads one example with a few positioned
+reads (``gs://`` shards are first copied to a local cache), so opening costs a header read and memory does not
+grow with the data.
 
 At prepare time a negative equal to its example's query, positive or an earlier negative is dropped (and
 counted); in-batch conflicts between examples (the same positive in two rows, a duplicate query, another
@@ -22,10 +23,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import bisect
 import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 FORMAT = "embedjax-prepared"
 VERSION = 1
 _MAGIC = b"EJXSHRD1"
+ROW_FIELDS = 11   # int64 per example in the "rows" index (see `row_index`)
+_REC = struct.Struct(f"<{ROW_FIELDS}q")
+_CACHE = 512      # index records / keys kept per open shard (examples are looked at several times per batch)
 _ALIGN = 64
 ARRAYS = ("idx", "query_ids", "query_off", "pos_ids", "pos_off", "neg_ids", "neg_off", "neg_row_off", "keys",
           "key_off", "scores", "score_off")
@@ -64,10 +70,22 @@ def _safe(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- shard files
+def row_index(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per example, every offset a reader needs in one record: int64 [n, 11] = query, positive, negative-row,
+    key and score ranges (start, end) and the example id (`ROW_FIELDS`)."""
+    cols = []
+    for off in ("query_off", "pos_off", "neg_row_off", "key_off", "score_off"):
+        o = np.asarray(arrays[off], np.int64)
+        cols += [o[:-1], o[1:]]
+    cols.append(np.asarray(arrays["idx"], np.int64))
+    return np.stack(cols, axis=1)
+
+
 def write_shard(path: Any, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> int:
     """Writes one shard file (local or gs://, via a local temporary file and a rename / copy); returns bytes."""
     entries, offset, blobs = {}, 0, []
-    for name in ARRAYS:
+    arrays = {**arrays, "rows": row_index(arrays).reshape(-1)}
+    for name in ARRAYS + ("rows",):
         a = np.ascontiguousarray(arrays[name])
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
         entries[name] = {"dtype": a.dtype.str, "offset": offset, "count": int(a.size)}
@@ -110,8 +128,7 @@ def _publish(tmp: str, path: Any) -> None:
         os.replace(tmp, str(path))
 
 
-def read_shard(local_path: str) -> tuple[TokenizedSet, dict[str, Any]]:
-    """A shard file (local) -> its arrays memory-mapped as a `TokenizedSet`, and its header."""
+def _read_header(local_path: str) -> tuple[dict[str, Any], int]:
     with open(local_path, "rb") as f:
         magic = f.read(len(_MAGIC))
         if magic != _MAGIC:
@@ -119,15 +136,93 @@ def read_shard(local_path: str) -> tuple[TokenizedSet, dict[str, Any]]:
         data_start = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(data_start - len(_MAGIC) - 8).rstrip(b"\0"))
     size = os.path.getsize(local_path)
-    arrays = {}
-    for name in ARRAYS:
-        e = header["arrays"][name]
-        dt = np.dtype(e["dtype"])
-        start = data_start + e["offset"]
-        if start + e["count"] * dt.itemsize > size:
+    for name, e in header["arrays"].items():
+        if data_start + e["offset"] + e["count"] * np.dtype(e["dtype"]).itemsize > size:
             raise DataError(f"{local_path}: array {name!r} runs past the end of the file (truncated copy?)")
-        arrays[name] = (np.memmap(local_path, dt, "r", offset=start, shape=(e["count"],)) if e["count"]
-                        else np.zeros(0, dt))
+    return header, data_start
+
+
+class PreadShard:
+    """A shard read example by example with positioned reads (``os.pread``): one read of the example's index
+    record, then one per token range. Nothing is mapped into the process, so its memory does not grow with
+    the data (a memory map would add every page -- and the large page-cache folios around it -- that it ever
+    touched to the resident set). Same interface as `pipeline.TokenizedSet` for the batch iterator."""
+
+    def __init__(self, local_path: str):
+        self.path = local_path
+        header, base = _read_header(local_path)
+        self.header = header
+        self._arr = {n: (base + e["offset"], np.dtype(e["dtype"])) for n, e in header["arrays"].items()}
+        if "rows" not in self._arr:
+            raise DataError(f"{local_path}: no row index (written by an older embedjax; prepare again)")
+        self.n = int(header["examples"])
+        self._rows_base = self._arr["rows"][0]
+        self._file = open(local_path, "rb", buffering=0)   # closed with the object
+        self._fd = self._file.fileno()
+        self._recs: dict[int, tuple[int, ...]] = {}
+        self._keys: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _read(self, name: str, start: int, end: int) -> np.ndarray:
+        base, dt = self._arr[name]
+        if end <= start:
+            return np.zeros(0, dt)
+        return np.frombuffer(os.pread(self._fd, (end - start) * dt.itemsize, base + start * dt.itemsize), dt)
+
+    def _rec(self, i: int) -> tuple[int, ...]:
+        r = self._recs.get(i)
+        if r is None:   # a few examples are asked for several times per batch (dedup, then padding)
+            if len(self._recs) >= _CACHE:
+                self._recs.clear()
+            r = self._recs[i] = _REC.unpack(os.pread(self._fd, _REC.size, self._rows_base + i * _REC.size))
+        return r
+
+    def query(self, i: int) -> np.ndarray:
+        r = self._rec(i)
+        return self._read("query_ids", r[0], r[1])
+
+    def positive(self, i: int) -> np.ndarray:
+        r = self._rec(i)
+        return self._read("pos_ids", r[2], r[3])
+
+    def num_negatives(self, i: int) -> int:
+        r = self._rec(i)
+        return r[5] - r[4]
+
+    def negative(self, i: int, j: int) -> np.ndarray:
+        row = self._rec(i)[4] + j
+        off = self._read("neg_off", row, row + 2)
+        return self._read("neg_ids", int(off[0]), int(off[1]))
+
+    def example_keys(self, i: int) -> np.ndarray:
+        k = self._keys.get(i)
+        if k is None:
+            if len(self._keys) >= _CACHE:
+                self._keys.clear()
+            r = self._rec(i)
+            k = self._keys[i] = self._read("keys", r[6], r[7])
+        return k
+
+    def example_scores(self, i: int) -> np.ndarray:
+        r = self._rec(i)
+        return self._read("scores", r[8], r[9])
+
+    def example_index(self, i: int) -> int:
+        return self._rec(i)[10]
+
+
+def read_shard(local_path: str) -> tuple[TokenizedSet, dict[str, Any]]:
+    """A whole shard file (local) read into memory as a `TokenizedSet`, and its header: for inspection and
+    tests. Training reads shards example by example (`PreadShard`)."""
+    header, base = _read_header(local_path)
+    arrays = {}
+    with open(local_path, "rb") as f:
+        for name in ARRAYS:
+            e = header["arrays"][name]
+            f.seek(base + e["offset"])
+            arrays[name] = np.fromfile(f, np.dtype(e["dtype"]), e["count"])
     return TokenizedSet(*(arrays[n] for n in ARRAYS)), header
 
 
@@ -395,8 +490,8 @@ class PreparedData:
     def shards(self, task: str) -> list[dict[str, Any]]:
         return sorted((s for s in self.manifest["shards"] if s["task"] == task), key=lambda s: s["path"])
 
-    def open(self, shard: Mapping[str, Any]) -> TokenizedSet:
-        """A shard's examples, memory-mapped (a gs:// shard is copied to the local cache first)."""
+    def open(self, shard: Mapping[str, Any]) -> PreadShard:
+        """A shard's examples, read on demand (`PreadShard`; a gs:// shard is copied to the local cache first)."""
         src = self.root / shard["path"]
         if self.remote:
             local = self.cache_dir / shard["path"]
@@ -409,8 +504,8 @@ class PreparedData:
             path = str(local)
         else:
             path = str(src)
-        ts, header = read_shard(path)
-        if header["examples"] != shard["examples"] or len(ts) != shard["examples"]:
+        ts = PreadShard(path)
+        if len(ts) != shard["examples"]:
             raise DataError(f"{src}: holds {len(ts)} examples, the manifest says {shard['examples']}")
         self.opened.append(shard["path"])
         return ts
@@ -424,15 +519,16 @@ class ShardedTask:
     def __init__(self, name: str, parts: Sequence[TokenizedSet], fingerprint: str):
         self.name = name
         self.parts = list(parts)
-        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.starts = [0] + np.cumsum([len(p) for p in self.parts]).tolist()
         self._fingerprint = fingerprint
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def _at(self, i: int) -> tuple[TokenizedSet, int]:
-        s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.parts[s], i - int(self.starts[s])
+        s = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[s], i - self.starts[s]
+
 
     def query(self, i: int) -> np.ndarray:
         p, j = self._at(i)
@@ -460,7 +556,7 @@ class ShardedTask:
 
     def example_index(self, i: int) -> int:
         p, j = self._at(i)
-        return int(p.idx[j])
+        return p.example_index(j)
 
     def max_lengths(self) -> None:
         return None
