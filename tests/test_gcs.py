@@ -7,8 +7,13 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
+
+from embedjax.data import records
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _object_names(prefix: str) -> list[str]:
@@ -46,9 +51,10 @@ def test_epath_round_trip(gcs_path):
 
 
 def test_training_workdir_on_gcs_stops_and_resumes(gcs_path, caplog):
-    """A tiny run with its workdir on the emulator, stopped after step 1 (checkpointed there), then run again:
-    it resumes from the checkpoint in the bucket and finishes; checkpoints/ (Orbax through tensorstore),
-    metrics.jsonl, config.json, tensorboard/ and final/ are in the bucket."""
+    """A tiny run with its workdir on the emulator and its training data (JSONL shards of a two-task mixture)
+    in the bucket too, stopped after step 1 (checkpointed there), then run again: it resumes from the
+    checkpoint in the bucket and finishes; checkpoints/ (Orbax through tensorstore), metrics.jsonl,
+    config.json, tensorboard/, final/ and the prepared shards are in the bucket."""
     pytest.importorskip("seqio")
     import jax
     from etils import epath
@@ -58,9 +64,19 @@ def test_training_workdir_on_gcs_stops_and_resumes(gcs_path, caplog):
     from embedjax.trainer import train_and_evaluate
 
     workdir = str(gcs_path / "run")
+    # the training data: JSONL shards of a two-task mixture in the bucket too (prepared into the workdir)
+    from _mixture import scifact_rows
+    rows = scifact_rows(REPO / "embedjax" / "data" / "shipped", 32)
+    sources = []
+    for task, rs in rows.items():
+        for k in range(2):
+            records.write_jsonl(gcs_path / "data" / task / f"part-{k}.jsonl", rs[k::2])
+        sources.append({"name": task, "files": str(gcs_path / "data" / task / "part-*.jsonl"),
+                        "fields": {} if task == "fact" else {"query": "q", "positive": "doc"}})
     # one device, short sequences: the least to compile (what is tested is where the files go)
     overrides = ["num_steps=2", "log_every_steps=1", "export_final=True", "mesh.data=1", "batch_size=4",
-                 "max_query_length=16", "max_document_length=32"]
+                 "max_query_length=16", "max_document_length=32", "data.kind=files", "data.path=",
+                 f"data.sources={sources!r}"]
     one = jax.devices()[:1]
     first = train_and_evaluate(load_config("configs/tiny.py", overrides), workdir, stop_requested=lambda: True,
                                devices=one)
@@ -77,7 +93,8 @@ def test_training_workdir_on_gcs_stops_and_resumes(gcs_path, caplog):
     wd = epath.Path(workdir)
     names = _object_names(workdir)
     for want in ("config.json", "metrics.jsonl", "final/model.safetensors", "final/modules.json",
-                 "checkpoints/2/commit_success.txt"):
+                 "checkpoints/2/commit_success.txt", "prepared/manifest.json", "prepared/shards/fact/00000-000.ejs",
+                 "prepared/shards/title/00003-000.ejs"):
         assert want in names, names
     assert any(n.startswith("tensorboard/events.out.tfevents.") for n in names), names
     steps = [json.loads(line)["step"] for line in (wd / "metrics.jsonl").read_text().splitlines()]
