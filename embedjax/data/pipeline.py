@@ -25,6 +25,7 @@ one host and `tasks.build_iterator` passes each host the texts it must not use a
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import logging
@@ -362,6 +363,7 @@ class ContrastiveBatchIterator:
         self.tasks = sorted(self.rates)
         p = np.asarray([self.rates[t] for t in self.tasks], np.float64)
         self._p = p / p.sum()
+        self._cum_p = np.cumsum(self._p).tolist()
         self.batch_size = int(batch_size)
         self.num_negatives = int(num_negatives)
         if converter is None:
@@ -451,10 +453,14 @@ class ContrastiveBatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        rng = _rng(self.seed, self.step, 0x5EED)
-        if self.group_by_task:
-            slots = [self.tasks[int(rng.choice(len(self.tasks), p=self._p))]] * self.batch_size
+        if len(self.tasks) == 1:
+            slots = [self.tasks[0]] * self.batch_size
+        elif self.group_by_task:   # one uniform draw from (seed, step): the same task on every host
+            u = (_mix(self.seed, self.step, 0x5EED) >> 11) * (1.0 / (1 << 53))
+            k = min(bisect.bisect_right(self._cum_p, u), len(self.tasks) - 1)
+            slots = [self.tasks[k]] * self.batch_size
         else:
+            rng = _rng(self.seed, self.step, 0x5EED)
             slots = [self.tasks[k] for k in rng.choice(len(self.tasks), size=self.batch_size, p=self._p)]
         used: set[int] = set()
         picks = [self._draw(t, used) for t in slots]
