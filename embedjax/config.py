@@ -295,6 +295,10 @@ def _check_data_keys(cfg: ConfigDict) -> None:
         names = [s["name"] for s in cfg.data.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"config: data.sources names a task twice: {names}")
+        rated = [s["name"] for s in cfg.data.sources if s.get("rate") is not None]
+        if rated and len(rated) != len(names):
+            raise ConfigError(f"config: data.sources: {rated} give a rate and {sorted(set(names) - set(rated))} do "
+                              "not; give every source a rate (relative weights) or none (rates by example count)")
 
 
 def validate(cfg: ConfigDict) -> None:

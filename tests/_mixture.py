@@ -37,5 +37,7 @@ def write_sources(root: Path, rows: dict[str, list[dict]], files_per_task: int =
         if task == "title":
             src["fields"] = {"query": "q", "positive": "doc"}
             src["rate"] = 0.5
+        else:
+            src["rate"] = 1.0
         srcs.append(src)
     return srcs

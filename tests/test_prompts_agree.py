@@ -1,5 +1,6 @@
 """One prompt language: for every config in configs/, a query and a document (with and without a title) render
-to the same string in the training data (the seqio task's TF preprocessor), the evaluators (`apply_prompt`),
+to the same string in the training data (the seqio task's TF preprocessor, and `embedjax prepare`'s per-task
+rendering for streamed data), the evaluators (`apply_prompt`),
 `Encoder.encode_queries` / `encode_documents` (`Encoder.format_texts`), the exports' Python twin
 (`format_text`, also the SavedModel's warmup texts) and the SavedModel's in-graph formatting (`_format_tf`, the
 function its query / document signatures call); the sentence-transformers folder's prompts give the same token
@@ -12,7 +13,7 @@ tf = pytest.importorskip("tensorflow")
 
 from embedjax.config import load_config  # noqa: E402
 from embedjax.data import tasks  # noqa: E402
-from embedjax.data.prompts import prompt_from_config  # noqa: E402
+from embedjax.data.prompts import config_prompt, config_prompt_strings, prompt_from_config, task_prompt  # noqa: E402
 from embedjax.evaluate.retrieval import apply_prompt  # noqa: E402
 from embedjax.export.saved_model import _format_tf  # noqa: E402
 from embedjax.export.source import _training_prompt, format_text  # noqa: E402
@@ -43,15 +44,18 @@ def test_every_path_renders_the_same_strings(path, tiny, tmp_path):
 
     spec = f"{path}:{VARIANTS[path.name]}" if path.name in VARIANTS else str(path)
     cfg = load_config(spec)
-    qp, dp = cfg.data.query_prompt, cfg.data.document_prompt
-    prompt = prompt_from_config(qp, dp)
+    qp, dp = config_prompt_strings(cfg.data)         # templates with data.instruction filled in
+    prompt = config_prompt(cfg.data)
     assert _training_prompt(cfg) == prompt
     if prompt is None:
         return
+    # streamed data (embedjax prepare) renders a task without its own instruction with data.instruction
+    streamed = task_prompt(cfg.data.query_prompt, cfg.data.document_prompt, cfg.data.instruction,
+                           cfg.data.document_instruction)
     for title in (TITLE, ""):
         train_q, train_d = _training(prompt, title)
-        assert apply_prompt(qp, QUERY) == train_q
-        assert apply_prompt(dp, BODY, title) == train_d
+        assert apply_prompt(qp, QUERY) == train_q == streamed.format_query(QUERY)
+        assert apply_prompt(dp, BODY, title) == train_d == streamed.format_document(BODY, title)
     # serving gets bare texts: a document without a title, rendered in the graph and by the Python twin
     serve_q = _format_tf(prompt, "query", tf.constant([QUERY])).numpy()[0].decode()
     serve_d = _format_tf(prompt, "document", tf.constant([BODY])).numpy()[0].decode()

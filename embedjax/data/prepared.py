@@ -568,6 +568,10 @@ class ShardedTask:
 def task_rates(data: PreparedData, rates: Mapping[str, float] | None = None) -> dict[str, float]:
     """Mixing rates: `rates` (e.g. a seqio Mixture's), else each source's ``rate``, else the task's size."""
     out = {}
+    given = [t for t, info in data.tasks.items() if info.get("rate") is not None]
+    if rates is None and given and len(given) != len(data.tasks):
+        raise DataError(f"{data.root}: tasks {given} have a rate and {sorted(set(data.tasks) - set(given))} do not; "
+                        "give every source a rate (relative weights) or none (rates by example count)")
     for t, info in data.tasks.items():
         if rates is not None:
             out[t] = float(rates.get(t, 0.0))

@@ -13,7 +13,8 @@ A *source* is a dict (a config's ``data.sources`` entry)::
 Fields of a row (after the mapping): ``query`` (str), ``positive`` (str, or ``{"title", "text"}``),
 optional ``positive_title``, ``negatives`` (list of str / ``{"title", "text"}``), ``negative_titles``,
 ``scores`` (``1 + len(negatives)`` floats: teacher scores, positive first), ``task`` (a row's own task name,
-overrides the source's) and ``instruction`` (a row's own instruction). TFRecord and ArrayRecord records are
+overriding the source's, read only when ``fields`` maps it) and ``instruction`` (a row's own instruction; FRet
+data as ``embedjax synth`` writes it: ``"fields": {"instruction": "task"}``). TFRecord and ArrayRecord records are
 serialised ``tf.train.Example`` protos with those features (bytes lists for texts, a float list for scores).
 
 Bad rows raise `DataError` naming the file and row. Files are read through etils.epath, so ``gs://`` works
@@ -251,7 +252,8 @@ def to_example(row: Mapping[str, Any], src: Mapping[str, Any], where: str) -> di
         ex = make_example(q, pos, positive_title=ptitle, negatives=negs, negative_titles=ntitles, scores=scores)
     except ValueError as e:
         raise DataError(f"{where}: {e}") from None
-    ex["task"] = str(get("task", "") or src["name"])
+    # a row names its own task only when the mapping says where (FRet's "task" is a description: an instruction)
+    ex["task"] = str(get("task", "") or src["name"]) if "task" in fields else src["name"]
     ex["instruction"] = str(get("instruction", "") or src["instruction"])
     return ex
 
@@ -274,4 +276,6 @@ def source_examples(src: Mapping[str, Any], path: str) -> Iterator[dict[str, Any
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
     """Rows as JSON lines (local or gs://): for tests and for `embedjax synth`-style outputs."""
-    as_path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    p = as_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

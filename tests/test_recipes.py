@@ -1,0 +1,91 @@
+"""The Gecko-like recipe end to end at tiny size (configs/gecko.py :smoke_pre then :smoke_ft) on 8 fake devices:
+a tiny pretrained Gemma 3 checkpoint switched to bidirectional attention, stage 1 on weak pairs, stage 2 started
+from stage 1's workdir on a mixture with per-task instructions (one FRet-style source whose rows carry their task
+description), one task per batch, hard and same-tower negatives, false-negative masks, Matryoshka; then
+`embedjax eval` and the sentence-transformers export, loaded by sentence-transformers."""
+import json
+
+import numpy as np
+import pytest
+
+from _llm import write_checkpoint
+from _mixture import INSTR, scifact_rows
+from _processes import REPO
+
+SHIPPED = REPO / "embedjax" / "data" / "shipped"
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+@pytest.mark.slow
+def test_gecko_smoke_two_stages_eval_and_export(tmp_path, caplog):
+    from embedjax import Encoder
+    from embedjax.cli import main
+    from embedjax.config import load_config
+    from embedjax.data import records
+    from embedjax.trainer import train_and_evaluate
+
+    ckpt = write_checkpoint("gemma3", tmp_path / "pretrained")
+    rows = scifact_rows(SHIPPED, 160)
+    records.write_jsonl(tmp_path / "pre" / "part-0.jsonl",
+                        [{"query": r["q"], "positive": r["doc"]} for r in rows["title"]])
+    records.write_jsonl(tmp_path / "pre" / "part-1.jsonl",
+                        [{"query": r["query"], "positive": r["positive"]["text"]} for r in rows["fact"][:80]])
+    fret = [{"task": "Given a scientific claim, find the abstract that supports it", "query": r["query"],
+             "positive": r["positive"], "negatives": r["negatives"][:1], "scores": r["scores"][:2]}
+            for r in rows["fact"]]
+    for k in range(2):
+        records.write_jsonl(tmp_path / "fret" / f"part-{k}.jsonl", fret[k::2])
+        records.write_jsonl(tmp_path / "titles" / f"part-{k}.jsonl",
+                            [{"query": r["q"], "positive": r["doc"], "negatives": [rows["title"][-1 - i]["doc"]]}
+                             for i, r in enumerate(rows["title"][k::2])])
+    pre_sources = [{"name": "pre", "files": str(tmp_path / "pre" / "part-*.jsonl")}]
+    ft_sources = [{"name": "fret", "files": str(tmp_path / "fret" / "part-*.jsonl"), "fields": {"instruction": "task"},
+                   "rate": 1.0},
+                  {"name": "titles", "files": str(tmp_path / "titles" / "part-*.jsonl"), "rate": 1.0,
+                   "instruction": INSTR["title"]}]
+
+    pre = load_config("configs/gecko.py:smoke_pre", [f"init_from='{ckpt}'", f"data.sources={pre_sources!r}"])
+    res1 = train_and_evaluate(pre, tmp_path / "stage1")
+    assert res1["final_step"] == pre.num_steps
+    ft = load_config("configs/gecko.py:smoke_ft", [f"init_from='{tmp_path / 'stage1'}'",
+                                                    f"data.sources={ft_sources!r}"])
+    with caplog.at_level("INFO", logger="embedjax.trainer"):
+        res2 = train_and_evaluate(ft, tmp_path / "stage2")
+    assert res2["final_step"] == ft.num_steps
+    for stage in ("stage1", "stage2"):
+        losses = _losses(tmp_path / stage)
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (stage, losses)
+    assert "task fret" in caplog.text and "task titles" in caplog.text and "masked false negatives" in caplog.text
+    manifest = json.loads((tmp_path / "stage2" / "prepared" / "manifest.json").read_text())
+    assert manifest["tasks"]["fret"]["instruction"] == fret[0]["task"]      # the rows' own task descriptions
+
+    # stage 2 started from stage 1's weights (not from the pretrained checkpoint)
+    s1, s2 = Encoder.load(tmp_path / "stage1" / "final"), Encoder.load(tmp_path / "stage2" / "final")
+    assert s2.config.encoder.attention == "bidirectional" and s2.config.head.projection_dim == 64
+    texts = [r["query"] for r in rows["fact"][:50]]
+    e0 = Encoder.load(ckpt)
+    assert not np.allclose(s1.encode(texts[:4]), s2.encode(texts[:4]), atol=1e-3)
+    assert e0.config.head.projection_dim != 64
+
+    # evaluation on the shipped STS-B test split through the CLI
+    assert main(["eval", "--model", str(tmp_path / "stage2" / "final"), "--task", "stsb", "--data",
+                 str(SHIPPED / "stsb"), "--split", "test", "--output", str(tmp_path / "eval.json")]) == 0
+    assert "spearman" in json.loads((tmp_path / "eval.json").read_text())["metrics"]
+
+    # the sentence-transformers export from the workdir, loaded by sentence-transformers, with the query prompt
+    out = tmp_path / "st"
+    assert main(["export", "--workdir", str(tmp_path / "stage2"), "--format", "sentence-transformers",
+                 "--output", str(out)]) == 0
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out), device="cpu")
+    query_prompt = "task: search result | query: "
+    assert st.prompts.get("query") == query_prompt
+    ours = s2.encode(texts, prompt=query_prompt)
+    theirs = st.encode(texts, prompt_name="query", convert_to_numpy=True)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    np.testing.assert_allclose(s2.encode_queries(texts), ours, atol=1e-6)
