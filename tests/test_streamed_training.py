@@ -79,11 +79,12 @@ def mixture_config(tmp_path, shipped, **extra) -> str:
 
 
 def _train(config, workdir, digests, kill_at=-1, steps=12):
-    env = child_env(8)
+    # one device: what is tested is the data order (the mesh is tested elsewhere), and it compiles fastest
+    env = child_env(1)
     env.update(DIGESTS=str(digests), KILL_AT=str(kill_at))
     return subprocess.run([sys.executable, "-c", DIGESTS, "train", "--config", config, "--workdir", str(workdir),
                            "--distributed", "off", f"--config.num_steps={steps}", "--config.checkpoint_every_steps=3",
-                           "--config.log_every_steps=1"],
+                           "--config.log_every_steps=1", "--config.mesh.data=1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -148,6 +149,8 @@ seqio.MixtureRegistry.add("user_mix", [("claims", 2.0), ("titles", 1.0)])
 
 @pytest.mark.slow
 def test_a_seqio_mixture_named_in_the_config_trains_and_resumes(tmp_path, monkeypatch):
+    import jax
+
     from embedjax.config import load_config
     from embedjax.trainer import train_and_evaluate
 
@@ -158,7 +161,8 @@ def test_a_seqio_mixture_named_in_the_config_trains_and_resumes(tmp_path, monkey
     (tmp_path / "user_tasks.py").write_text(SEQIO_MODULE.format(rows=str(tmp_path / "rows.json")))
     monkeypatch.syspath_prepend(str(tmp_path))
     overrides = ["data.kind=seqio", "data.path=", "data.mixture=user_mix", "data.module=user_tasks",
-                 "data.num_shards=4", "num_steps=6", "checkpoint_every_steps=3", "log_every_steps=1",
+                 "data.num_shards=4", "num_steps=6", "checkpoint_every_steps=3", "log_every_steps=1", "mesh.data=1",
+                 "batch_size=8", "max_query_length=16", "max_document_length=32",
                  "data.query_prompt=Instruct: {task}\nQuery: {text}",
                  f"data.instructions={{'claims': {INSTR['fact']!r}, 'titles': {INSTR['title']!r}}}",
                  "data.instruction=Given a query, retrieve relevant passages"]
@@ -168,13 +172,15 @@ def test_a_seqio_mixture_named_in_the_config_trains_and_resumes(tmp_path, monkey
         calls["n"] += 1
         return calls["n"] == 3
 
-    first = train_and_evaluate(load_config("configs/tiny.py", overrides), tmp_path / "run", stop_requested=stop_at_3)
+    one = jax.devices()[:1]
+    first = train_and_evaluate(load_config("configs/tiny.py", overrides), tmp_path / "run", stop_requested=stop_at_3,
+                               devices=one)
     assert first["final_step"] == 3
     manifest = json.loads((tmp_path / "run" / "prepared" / "manifest.json").read_text())
     assert manifest["rates"] == {"claims": 2.0, "titles": 1.0}
     assert {t: i["shards"] for t, i in manifest["tasks"].items()} == {"claims": 4, "titles": 4}
     assert manifest["tasks"]["claims"]["instruction"] == INSTR["fact"]
-    second = train_and_evaluate(load_config("configs/tiny.py", overrides), tmp_path / "run")
+    second = train_and_evaluate(load_config("configs/tiny.py", overrides), tmp_path / "run", devices=one)
     assert second["final_step"] == 6
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
