@@ -519,17 +519,16 @@ class ContrastiveBatchIterator:
                     len(self.data[task]))
         return self._perm_cache[key]
 
-    def _fits(self, ts: TokenizedSet, i: int, used: set[int]) -> bool:
-        """Whether example i's query and positive texts are both new to the batch."""
-        if not self.dedup:
-            return True
+    def _fits(self, ts: TokenizedSet, i: int, used: set[int]) -> np.ndarray | None:
+        """Example i's text keys when its query and positive texts are both new to the batch, else None."""
         k = ts.example_keys(i)
-        return int(k[0]) not in used and int(k[1]) not in used
+        if self.dedup and (int(k[0]) in used or int(k[1]) in used):
+            return None
+        return k
 
-    def _take(self, task: str, i: int, used: set[int]) -> Pick:
-        """Puts example i in the batch: marks its texts used and chooses its negatives."""
+    def _take(self, task: str, i: int, used: set[int], keys: np.ndarray) -> Pick:
+        """Puts example i (text keys `keys`) in the batch: marks its texts used and chooses its negatives."""
         ts = self.data[task]
-        keys = ts.example_keys(i)
         if self.dedup:
             used.add(int(keys[0]))
             used.add(int(keys[1]))
@@ -558,9 +557,10 @@ class ContrastiveBatchIterator:
         ts = self.data[task]
         n = len(ts)
         for d, i in enumerate(st["deferred"]):
-            if self._fits(ts, i, used):
+            keys = self._fits(ts, i, used)
+            if keys is not None:
                 del st["deferred"][d]
-                return self._take(task, i, used)
+                return self._take(task, i, used, keys)
         scanned = 0
         while True:
             i = int(self._perm(task, st["epoch"])[st["position"]])
@@ -568,8 +568,9 @@ class ContrastiveBatchIterator:
             if st["position"] == n:
                 st["epoch"] += 1
                 st["position"] = 0
-            if self._fits(ts, i, used):
-                return self._take(task, i, used)
+            keys = self._fits(ts, i, used)
+            if keys is not None:
+                return self._take(task, i, used, keys)
             st["deferred"].append(i)
             scanned += 1
             if scanned > n or len(st["deferred"]) > max(n, 4 * self.batch_size):
