@@ -221,3 +221,28 @@ def test_prepare_resumes_after_a_kill_and_refuses_other_data(tmp_path, shipped, 
     with pytest.raises(DataError, match="prepared differently"):
         prepared.prepare(inputs, minilm_tok, tmp_path / "out", max_query_length=16, max_doc_length=64,
                          show_progress=False)
+
+
+def test_global_order_is_the_same_global_batches_on_any_host_count(prep):
+    """host_order='global': every host builds the global batch and keeps its rows, so 2 hosts' rows put together
+    are 1 host's batch, and a state saved with 2 hosts resumes with 1 (or 4)."""
+    root, _, _, _ = prep
+
+    def it(P, h):
+        return prepared.build_iterator(prepared.PreparedData(root / "out"), global_batch_size=16, max_query_length=32,
+                                       max_doc_length=64, process_index=h, process_count=P, host_order="global",
+                                       seed=5, num_negatives=1)
+
+    one, a, b = it(1, 0), it(2, 0), it(2, 1)
+    for _ in range(3):
+        g, x, y = next(one), next(a), next(b)
+        for k in g:
+            np.testing.assert_array_equal(np.concatenate([x[k], y[k]]), g[k], err_msg=k)
+    state = json.loads(json.dumps(a.get_state()))
+    four = [it(4, h) for h in range(4)]
+    for f in four:
+        f.set_state(state)
+    g = next(one)
+    parts = [next(f) for f in four]
+    for k in g:
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k], err_msg=k)
