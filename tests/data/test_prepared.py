@@ -246,3 +246,47 @@ def test_global_order_is_the_same_global_batches_on_any_host_count(prep):
     parts = [next(f) for f in four]
     for k in g:
         np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k], err_msg=k)
+
+
+HOST = r"""
+import builtins, json, sys
+opened = []
+real_open = builtins.open
+def counting_open(path, *a, **k):
+    if str(path).endswith(".ejs"):
+        opened.append(str(path))
+    return real_open(path, *a, **k)
+builtins.open = counting_open
+from embedjax.data import prepared
+root, h = sys.argv[1], int(sys.argv[2])
+it = prepared.build_iterator(prepared.PreparedData(root), global_batch_size=16, max_query_length=32,
+                             max_doc_length=64, process_index=h, process_count=2, seed=3, group_by_task=False)
+fact = it.converter.task_ids["fact"]
+n, seen = len(it.data["fact"]), []
+while len(set(seen)) < n:
+    b = next(it)
+    seen += b["example_idx"][b["task_id"] == fact].tolist()
+print(json.dumps({"opened": opened, "seen": seen[:n], "n": n}))
+"""
+
+
+def test_two_processes_open_disjoint_files_covering_all(prep):
+    """Two real processes (host 0 and 1 of 2, per-host order): the shard files each opens (counted at `open`)
+    are disjoint and together all of them; over one epoch each sees its examples once, together every one."""
+    import subprocess
+    import sys
+
+    root, rows, _, m = prep
+    out = []
+    for h in range(2):
+        r = subprocess.run([sys.executable, "-c", HOST, str(root / "out"), str(h)], capture_output=True, text=True,
+                           timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+        assert r.returncode == 0, r.stderr[-2000:]
+        out.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    files = [{Path(p).relative_to(root / "out").as_posix() for p in o["opened"]} for o in out]
+    # a shard is opened twice (its header, then the handle it is read through), and no other file of the data
+    assert all(max(Counter(o["opened"]).values()) <= 2 for o in out)
+    assert not files[0] & files[1] and files[0] | files[1] == {s["path"] for s in m["shards"]}
+    assert all(len(set(o["seen"])) == o["n"] == len(o["seen"]) for o in out)  # once per epoch on each host
+    assert not set(out[0]["seen"]) & set(out[1]["seen"])
+    assert len(out[0]["seen"]) + len(out[1]["seen"]) == len(rows["fact"])
