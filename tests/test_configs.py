@@ -6,7 +6,7 @@ import pytest
 from embedjax.config import ConfigError, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.py"))
-VARIANTS = {"gtr.py": [None, "tiny", "xxl"], "gecko.py": [None, "pre"], "sentence_t5.py": ["base", "xxl"],
+VARIANTS = {"gtr.py": [None, "tiny", "xxl"], "gecko.py": [None, "pre"], "e5.py": [None, "pre"], "sentence_t5.py": ["base", "xxl"],
             "qwen3_lora.py": [None, "full"], "gemma3_lora.py": [None, "full"]}
 
 

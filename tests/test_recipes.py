@@ -89,3 +89,57 @@ def test_gecko_smoke_two_stages_eval_and_export(tmp_path, caplog):
     theirs = st.encode(texts, prompt_name="query", convert_to_numpy=True)
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
     np.testing.assert_allclose(s2.encode_queries(texts), ours, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_e5_smoke_two_stages_eval_and_both_exports(tmp_path, tiny_bert_dir):
+    """configs/e5.py :smoke_pre -> :smoke_ft (from stage 1's workdir) on 8 fake devices, from a tiny pretrained
+    BERT folder; `embedjax eval`; `embedjax export` to a SavedModel (loaded with plain TensorFlow) and to a
+    sentence-transformers folder (loaded by sentence-transformers): both equal `Encoder.encode` with the query
+    prompt on 50 texts to 1e-5."""
+    import tensorflow as tf
+
+    from embedjax import Encoder
+    from embedjax.cli import main
+    from embedjax.config import load_config
+    from embedjax.data import records
+    from embedjax.trainer import train_and_evaluate
+
+    rows = scifact_rows(SHIPPED, 160)
+    for k in range(2):
+        records.write_jsonl(tmp_path / "pairs" / f"part-{k}.jsonl",
+                            [{"query": r["q"], "positive": r["doc"]} for r in rows["title"][k::2]])
+        records.write_jsonl(tmp_path / "triplets" / f"part-{k}.jsonl",
+                            [{"query": r["query"], "positive": r["positive"], "negatives": r["negatives"][:1]}
+                             for r in rows["fact"][k::2]])
+    pre = load_config("configs/e5.py:smoke_pre", [
+        f"init_from='{tiny_bert_dir}'",
+        f"data.sources={[{'name': 'pairs', 'files': str(tmp_path / 'pairs' / 'part-*.jsonl')}]!r}"])
+    assert train_and_evaluate(pre, tmp_path / "stage1")["final_step"] == pre.num_steps
+    ft = load_config("configs/e5.py:smoke_ft", [
+        f"init_from='{tmp_path / 'stage1'}'",
+        f"data.sources={[{'name': 'triplets', 'files': str(tmp_path / 'triplets' / 'part-*.jsonl')}]!r}"])
+    assert train_and_evaluate(ft, tmp_path / "stage2")["final_step"] == ft.num_steps
+    for stage in ("stage1", "stage2"):
+        losses = _losses(tmp_path / stage)
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (stage, losses)
+
+    final = Encoder.load(tmp_path / "stage2" / "final")
+    assert main(["eval", "--model", str(tmp_path / "stage2" / "final"), "--task", "stsb", "--data",
+                 str(SHIPPED / "stsb"), "--split", "test", "--output", str(tmp_path / "eval.json")]) == 0
+    assert "spearman" in json.loads((tmp_path / "eval.json").read_text())["metrics"]
+
+    texts = [r["query"] for r in rows["fact"][:50]]
+    ours = final.encode(texts, prompt="query: ")
+    np.testing.assert_allclose(final.encode_queries(texts), ours, atol=1e-6)
+    assert main(["export", "--workdir", str(tmp_path / "stage2"), "--output", str(tmp_path / "sm" / "1")]) == 0
+    sm = tf.saved_model.load(str(tmp_path / "sm" / "1"))
+    served = sm.signatures["query"](text=tf.constant(texts))["embedding"].numpy()
+    np.testing.assert_allclose(served, ours, atol=1e-5)
+    assert main(["export", "--workdir", str(tmp_path / "stage2"), "--format", "sentence-transformers",
+                 "--output", str(tmp_path / "st")]) == 0
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert st.prompts.get("query") == "query: " and st.prompts.get("document") == "passage: "
+    np.testing.assert_allclose(st.encode(texts, prompt_name="query", convert_to_numpy=True), ours, atol=1e-5)
