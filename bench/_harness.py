@@ -7,6 +7,10 @@ appended to `bench/results.jsonl` with the date, machine and library versions.
     from _harness import compare
     res = compare("encode STS-B test", {"embedjax": run_a, "sentence-transformers": run_b},
                   work=2758, unit="sentences/s", rounds=5)
+
+`measure` does the same for figures each side reports itself ({metric: value} per call: the peak RSS of a
+subprocess, the seconds of one phase); a benchmark whose line carries a `row` ({embedjax, peers, check}) is printed
+by bench/run_all.py in README's table of real peers.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+# EMBEDJAX_BENCH_RESULTS points trial runs elsewhere
+RESULTS = Path(os.environ.get("EMBEDJAX_BENCH_RESULTS") or Path(__file__).resolve().parent / "results.jsonl")
 LOAD_LIMIT = 0.25   # a 1-minute load average above this fraction of the cores flags the run
 
 
@@ -33,14 +38,24 @@ def machine() -> dict[str, Any]:
 
 
 def versions(*modules: str) -> dict[str, str]:
-    import importlib
+    """Versions of the modules: `__version__` of those already imported, else the installed distribution's
+    (not imported here, so a parent that runs its sides in subprocesses stays small)."""
+    import importlib.metadata as md
+    import sys
 
+    dists = md.packages_distributions()
     out = {}
     for m in ("jax", "jaxlib", "flax", "numpy", *modules):
-        try:
-            out[m] = getattr(importlib.import_module(m), "__version__", "?")
-        except ImportError:
-            out[m] = "not installed"
+        if m in sys.modules:
+            out[m] = getattr(sys.modules[m], "__version__", "?")
+            continue
+        out[m] = "not installed"
+        for d in dists.get(m, []):
+            try:
+                out[m] = md.version(d)
+                break
+            except md.PackageNotFoundError:
+                pass
     return out
 
 
@@ -84,9 +99,56 @@ def compare(name: str, sides: dict[str, Callable[[], Any]], *, work: float, unit
         a, b = names
         out["ratio"] = {"of": f"{a} / {b}", "value": out["sides"][a]["rate"] / out["sides"][b]["rate"]}
     if write:
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(out) + "\n")
+        record(out)
     return out
+
+
+def measure(name: str, sides: dict[str, Callable[[], dict[str, float]]], *, rounds: int = 5, warmup: int = 0,
+            meta: dict[str, Any] | None = None, modules: tuple[str, ...] = (), write: bool = True
+            ) -> dict[str, Any]:
+    """Like `compare` for figures a side reports itself (peak memory of a subprocess, seconds of one phase, a
+    rate): each side's `fn()` returns {metric: value}; after `warmup` discarded calls each, the sides run
+    `rounds` times interleaved (A B C, C B A, ...); returns and records {side: {metric: {median, min, max,
+    spread}}} with the load before and after."""
+    load_before = load()
+    for side, fn in sides.items():
+        for _ in range(warmup):
+            fn()
+    got: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
+    order = list(sides)
+    for r in range(rounds):
+        for side in (order if r % 2 == 0 else order[::-1]):
+            got[side].append(sides[side]())
+    load_after = load()
+    cores = os.cpu_count() or 1
+    out: dict[str, Any] = {"benchmark": name, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+                           "rounds": rounds, "interleaved": True,
+                           "load_before": round(load_before, 2), "load_after": round(load_after, 2),
+                           "under_load": max(load_before, load_after) > LOAD_LIMIT * cores,
+                           "machine": machine(), "versions": versions(*modules), **(meta or {}), "sides": {}}
+    for side, runs in got.items():
+        out["sides"][side] = {}
+        for metric in runs[0]:
+            vals = [float(r[metric]) for r in runs]
+            med = statistics.median(vals)
+            out["sides"][side][metric] = {"median": med, "min": min(vals), "max": max(vals),
+                                          "spread": (max(vals) - min(vals)) / abs(med) if med else 0.0}
+    if write:
+        record(out)
+    return out
+
+
+def record(res: dict[str, Any]) -> None:
+    """Appends one result as a JSON line to bench/results.jsonl."""
+    with open(RESULTS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(res) + "\n")
+
+
+def combined_load(*results: dict[str, Any]) -> dict[str, Any]:
+    """Load fields spanning several results taken one after the other (first before, last after, flagged if
+    any was)."""
+    return {"load_before": results[0]["load_before"], "load_after": results[-1]["load_after"],
+            "under_load": any(r["under_load"] for r in results)}
 
 
 def report(res: dict[str, Any]) -> str:
@@ -99,4 +161,15 @@ def report(res: dict[str, Any]) -> str:
                      f"{100 * s['spread']:.0f}%, warm-up {s['warmup_s']:.1f} s)")
     if "ratio" in res:
         lines.append(f"  ratio {res['ratio']['of']}: {res['ratio']['value']:.2f}")
+    return "\n".join(lines)
+
+
+def report_measure(res: dict[str, Any]) -> str:
+    """Human-readable lines for one `measure` result: each side's metrics as median [min - max]."""
+    lines = [f"{res['benchmark']} ({res['rounds']} interleaved rounds; load {res['load_before']} -> "
+             f"{res['load_after']} on {res['machine']['cores']} cores"
+             f"{'; UNDER LOAD: not a fair figure' if res['under_load'] else ''})"]
+    for side, metrics in res["sides"].items():
+        cells = [f"{m} {v['median']:.4g} [{v['min']:.4g} - {v['max']:.4g}]" for m, v in metrics.items()]
+        lines.append(f"  {side:<22} " + ", ".join(cells))
     return "\n".join(lines)
