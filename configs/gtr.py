@@ -1,5 +1,6 @@
-"""GTR-style retrieval fine-tuning (Ni et al. 2021): a T5 v1.1 encoder, mean pooling, 768-d bias-free projection,
-L2 norm, in-batch softmax with one hard negative per query, query->document only, temperature 0.01, Adafactor.
+"""GTR-style retrieval fine-tuning (Ni et al. 2021): the pretrained T5 v1.1 encoder (`google/t5-v1_1-SIZE`), mean
+pooling, a new 768-d bias-free projection, L2 norm, in-batch softmax with one hard negative per query,
+query->document only, temperature 0.01, Adafactor.
 
     embedjax train --config configs/gtr.py:base --workdir gs://BUCKET/gtr-base \\
         --config.data.path=/path/to/msmarco_triplets.jsonl
@@ -15,9 +16,13 @@ from embedjax.recipes import t5_model_config
 def get_config(arg=None):
     size = arg or "base"
     c = base_config()
-    c.model_config = t5_model_config(size, 64 if size == "tiny" else 768)
+    if size == "tiny":   # a random T5 v1.1 encoder at tiny size (tests; nothing downloaded)
+        c.model_config = t5_model_config(size, 64)
+        c.tokenizer = "google/t5-v1_1-base"       # SentencePiece vocabulary shared by all T5 v1.1 sizes
+    else:                # GTR starts from the pretrained T5 v1.1 encoder, with a new 768-d bias-free projection
+        c.init_from = f"google/t5-v1_1-{size}"
+        c.model_config = {"head": dict(pooling="mean", projection_dim=768, projection_bias=False, normalize=True)}
     c.dtype = "bfloat16"                          # compute dtype (parameters and optimizer state: float32)
-    c.tokenizer = "google/t5-v1_1-base"           # SentencePiece vocabulary shared by all T5 v1.1 sizes
     c.max_query_length = 64
     c.max_document_length = 256
     c.data.kind = "pairs"
