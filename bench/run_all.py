@@ -6,10 +6,11 @@ load and versions:
   texts);
 * real peers through `_harness.measure` and `compare`, one row each: retrieval memory (faiss-cpu, sentence-
   transformers' semantic_search), serving (SavedModel and JAX vs sentence-transformers on onnxruntime),
-  gradient-caching memory (sentence-transformers' CachedMNRL / MNRL) and input-pipeline headroom (the train
-  step's consumption).
+  gradient-caching memory (sentence-transformers' CachedMNRL / MNRL), input-pipeline headroom (the train
+  step's consumption) and greedy generation with a decoder LLM (transformers' PyTorch `generate`; default threads
+  and one thread each).
 
-    python bench/run_all.py            # ~25 minutes on a 2-core machine; run it with nothing else running
+    python bench/run_all.py            # ~27 minutes on a 2-core machine; run it with nothing else running
 
 Sharded loading and the AOT rows are not run here (their peers are listed in README); run them one by one.
 """
@@ -33,6 +34,8 @@ RUNS = [
     ("serving.py", []),
     ("gradcache_memory.py", []),
     ("input_pipeline.py", []),
+    ("generate.py", []),
+    ("generate.py", ["--threads", "1"]),
 ]
 
 
