@@ -6,7 +6,13 @@ serves as the embedder (last-token pooling), over 40 SciFact documents:
   the negatives the worst; the shards read back with `read_pairs`; rows + skipped = passages;
 - a run stopped after one chunk, with a half-written line and a stray shard left behind (a crash), resumes to
   byte-identical shards and progress; other settings on the folder are refused;
-- the CLI (`embedjax synth`, the Generator data-parallel over the 8 fake devices) writes the same triplets."""
+- the CLI (`embedjax synth`, the Generator data-parallel over the 8 fake devices) writes the same triplets;
+- end to end, as a user runs it (one device per process): `embedjax synth` on 200 SciFact passages with the tiny
+  LLM and the real all-MiniLM-L6-v2, killed with SIGKILL once its first chunk is recorded, then resumed, writes
+  the bytes of an uninterrupted run beside it; rows are well-formed, none twice, none missing; the LLM's scores of
+  every candidate recomputed with transformers' PyTorch model agree, and by them the positive is the best fused
+  candidate and the negatives the worst; the resumed run's summary of kept / changed positives covers all 200
+  passages and its progress lines (with ETA) count from the chunks done before the kill."""
 import json
 import shutil
 import sys
@@ -235,7 +241,7 @@ def _torch_scores_1(llm_dir: Path, rows: list[dict], passages: dict[str, str]) -
     return out_ql, out_rc
 
 
-@pytest.mark.slow   # ~70 s on 2 cores: three `embedjax synth` processes and the PyTorch rescoring
+@pytest.mark.slow   # 51 s on a quiet 2-core machine (2-2.5 min under load 5-8): three `embedjax synth` processes
 def test_cli_killed_mid_run_resumes_to_the_uninterrupted_output(llm_dir, minilm_dir, tmp_path):
     import os
     import re
