@@ -371,3 +371,25 @@ def test_cli_killed_mid_run_resumes_to_the_uninterrupted_output(llm_dir, minilm_
                                               out)]
     assert bar and bar[0][0] > E2E_CHUNK and bar[-1][0] == E2E_PASSAGES   # counted from what was done before
     assert all(eta.startswith(", ETA 0:") for n, eta in bar[:-1])
+
+
+def test_examples_file(tmp_path):
+    from embedjax.synth import SynthConfig, query_prompt, read_examples, task_prompt
+
+    path = tmp_path / "examples.jsonl"
+    path.write_text(json.dumps({"passage": "P one.", "task": "T one", "query": "q one"}) + "\n\n"
+                    + json.dumps({"passage": "P two.", "task": "T two", "query": "q two", "extra": 1}) + "\n")
+    examples = read_examples(path)
+    assert examples == (("P one.", "T one", "q one"), ("P two.", "T two", "q two"))
+    cfg = SynthConfig(examples=[list(e) for e in examples])
+    assert cfg.examples == examples
+    assert task_prompt("X", cfg.examples).endswith("Passage: P two.\nTask: T two\nQuery: q two\n\nPassage: X\nTask:")
+    assert query_prompt("X", "T", cfg.examples).endswith("Passage: X\nTask: T\nQuery:")
+    path.write_text(json.dumps({"passage": "P", "task": " ", "query": "q"}) + "\n")
+    with pytest.raises(ValueError, match=r"examples.jsonl:1: .* task missing"):
+        read_examples(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no few-shot examples"):
+        read_examples(path)
+    with pytest.raises(ValueError, match="few-shot example 0 must be three non-empty strings"):
+        SynthConfig(examples=[("P", "T")])
