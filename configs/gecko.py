@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.data.kind = "files"
     c.data.sources = [] if smoke else (
         [{"name": "pre", "files": "gs://BUCKET/data/pre/*.jsonl"}] if stage == "pre" else
-        [{"name": "fret", "files": "gs://BUCKET/data/fret/*.jsonl", "fields": {"instruction": "task"}},
+        [{"name": "fret", "files": "gs://BUCKET/data/fret/*.jsonl", "fields": {"instruction": "task"}, "rate": 1.0},
          {"name": "nq", "files": "gs://BUCKET/data/nq/*.jsonl", "rate": 0.2,
           "instruction": "Given a question, retrieve Wikipedia passages that answer the question"}])
     c.data.query_prompt, c.data.document_prompt = QUERY_PROMPT, DOCUMENT_PROMPT

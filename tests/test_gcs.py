@@ -111,8 +111,10 @@ def test_training_workdir_on_gcs_stops_and_resumes(gcs_path, caplog):
 def test_workdir_in_a_missing_bucket_is_one_line(gcs_bucket):
     """`embedjax train` (a subprocess: the emulator's environment inherited) with a workdir in a bucket that
     does not exist stops before training with one line naming it, exit status 2."""
+    # --distributed off: one process (earlier tests of a session may leave cluster variables in the environment
+    # this subprocess inherits, e.g. libtpu's probe for the AOT tests)
     r = subprocess.run([sys.executable, "-m", "embedjax.cli", "train", "--config", "configs/tiny.py",
-                        "--workdir", "gs://no-such-bucket/run"],
+                        "--workdir", "gs://no-such-bucket/run", "--distributed", "off"],
                        check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "embedjax train: error: workdir gs://no-such-bucket/run: cannot write" in r.stderr, r.stderr[-3000:]
