@@ -17,6 +17,7 @@ available on the development machine). ``:smoke_pre`` / ``:smoke_ft`` are the sa
 (``--config.init_from=PATH`` and ``--config.data.sources=[...]`` required).
 """
 from embedjax.config import base_config
+from embedjax.recipes import smoke_training
 
 
 def get_config(arg=None):
@@ -44,13 +45,7 @@ def get_config(arg=None):
     c.loss.mask_false_negatives = True
     c.optim.weight_decay = 0.01
     if smoke:
-        c.batch_size = 16
-        c.num_steps = 12
-        c.optim.lr = 1e-3
-        c.optim.warmup_steps = 2
-        c.mesh.data, c.mesh.fsdp = 8, 1
-        c.log_every_steps = 1
-        c.export_final = True
+        smoke_training(c, lr=1e-3, mesh=(8, 1))
     else:
         c.dtype = "bfloat16"
         c.batch_size = 32768 if stage == "pre" else 256

@@ -25,6 +25,7 @@ architecture at tiny size on 8 fake devices (tests/test_recipes.py), started fro
 ``--config.init_from=PATH`` and ``--config.data.sources=[...]`` are required there.
 """
 from embedjax.config import base_config
+from embedjax.recipes import smoke_training
 
 QUERY_PROMPT = "task: {task} | query: {text}"
 DOCUMENT_PROMPT = "title: {title} | text: {text}"
@@ -66,13 +67,7 @@ def get_config(arg=None):
         c.loss.matryoshka_dims = (64, 16) if smoke else (768, 256)
     c.optim.weight_decay = 0.0
     if smoke:
-        c.batch_size = 16
-        c.num_steps = 12
-        c.optim.lr = 2e-3
-        c.optim.warmup_steps = 2
-        c.mesh.data, c.mesh.fsdp = 2, 4
-        c.log_every_steps = 1
-        c.export_final = True
+        smoke_training(c, lr=2e-3, mesh=(2, 4))
     else:
         c.batch_size = 32768 if stage == "pre" else 4096
         c.num_steps = 20_000 if stage == "pre" else 10_000

@@ -70,3 +70,17 @@ def llm_lora_config(c, variant: str | None, name: str):
     elif variant:
         raise ValueError(f"configs/{name}: unknown variant {variant!r} (none, full, smoke)")
     return c
+
+
+def smoke_training(c, *, lr: float, mesh: tuple[int, int]):
+    """The short run a recipe's `:smoke` variants share (tests/test_recipes.py): 12 steps of 16 pairs on 8 fake
+    devices as (data, fsdp) = `mesh`, a 2-step warm-up to `lr`, every step logged, the final model saved."""
+    c.batch_size = 16
+    c.num_steps = 12
+    c.optim.lr = lr
+    c.optim.warmup_steps = 2
+    c.mesh.data, c.mesh.fsdp = mesh
+    c.log_every_steps = 1
+    c.export_final = True
+    return c
+
