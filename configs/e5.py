@@ -17,15 +17,11 @@ available on the development machine). ``:smoke_pre`` / ``:smoke_ft`` are the sa
 (``--config.init_from=PATH`` and ``--config.data.sources=[...]`` required).
 """
 from embedjax.config import base_config
-from embedjax.recipes import smoke_training
+from embedjax.recipes import smoke_training, stage_variant
 
 
 def get_config(arg=None):
-    variant = arg or "ft"
-    if variant not in ("pre", "ft", "smoke_pre", "smoke_ft"):
-        raise ValueError(f"configs/e5.py: unknown variant {variant!r} (pre, ft, smoke_pre, smoke_ft)")
-    smoke = variant.startswith("smoke")
-    stage = variant.removeprefix("smoke_")
+    smoke, stage = stage_variant("e5.py", arg)
     c = base_config()
     # smoke: --config.init_from=PATH (required); ft: the pre stage's workdir (replace the placeholder)
     c.init_from = "" if smoke else ("bert-base-uncased" if stage == "pre" else "gs://BUCKET/e5/pre")

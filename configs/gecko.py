@@ -25,18 +25,14 @@ architecture at tiny size on 8 fake devices (tests/test_recipes.py), started fro
 ``--config.init_from=PATH`` and ``--config.data.sources=[...]`` are required there.
 """
 from embedjax.config import base_config
-from embedjax.recipes import smoke_training
+from embedjax.recipes import smoke_training, stage_variant
 
 QUERY_PROMPT = "task: {task} | query: {text}"
 DOCUMENT_PROMPT = "title: {title} | text: {text}"
 
 
 def get_config(arg=None):
-    variant = arg or "ft"
-    if variant not in ("pre", "ft", "smoke_pre", "smoke_ft"):
-        raise ValueError(f"configs/gecko.py: unknown variant {variant!r} (pre, ft, smoke_pre, smoke_ft)")
-    smoke = variant.startswith("smoke")
-    stage = variant.removeprefix("smoke_")
+    smoke, stage = stage_variant("gecko.py", arg)
     c = base_config()
     # the LLM backbone, switched to bidirectional attention; mean pooling; Gecko's 768-d projection
     # smoke: --config.init_from=PATH (required); ft: the pre stage's workdir (replace the placeholder)

@@ -84,3 +84,11 @@ def smoke_training(c, *, lr: float, mesh: tuple[int, int]):
     c.export_final = True
     return c
 
+
+def stage_variant(config: str, arg: str | None) -> tuple[bool, str]:
+    """(smoke, stage) of a two-stage recipe's variant: pre | ft (default) | smoke_pre | smoke_ft."""
+    variant = arg or "ft"
+    if variant not in ("pre", "ft", "smoke_pre", "smoke_ft"):
+        raise ValueError(f"configs/{config}: unknown variant {variant!r} (pre, ft, smoke_pre, smoke_ft)")
+    return variant.startswith("smoke"), variant.removeprefix("smoke_")
+

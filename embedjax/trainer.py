@@ -371,6 +371,7 @@ def train_loop(run: Run, step_fn: Callable, train_iter: Iterator, actions: list[
     # with one task per batch over several tasks, each step's task is logged (a host-side value)
     tasks = list(getattr(train_iter, "task_names", ()))
     per_task = len(tasks) > 1 and bool(run.config.data.get("one_task_per_batch", False))
+    run.task_names = tasks
     for action in actions:
         action.begin(run)
     with jax.set_mesh(run.mesh):
@@ -381,7 +382,6 @@ def train_loop(run: Run, step_fn: Callable, train_iter: Iterator, actions: list[
             run.state, metrics = step_fn(run.state, batch)
             if per_task:
                 metrics = {**metrics, "task_id": np.int32(local["task_id"][0])}
-                run.task_names = tasks
             run.step += 1
             run.eval_metrics = None
             for action in actions:

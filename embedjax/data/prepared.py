@@ -558,9 +558,6 @@ class ShardedTask:
         p, j = self._at(i)
         return p.example_index(j)
 
-    def max_lengths(self) -> None:
-        return None
-
     def fingerprint(self) -> str:
         return self._fingerprint
 

@@ -182,10 +182,16 @@ def task_prompt(query_prompt: str = "", document_prompt: str = "", instruction: 
     the document side takes `document_instruction` for ``{instruction}`` and `instruction` for ``{task}``.
     Training renders each task's examples with its own instruction; evaluation and export use
     ``data.instruction`` (`config_prompt`)."""
+    return prompt_from_config(*_filled(query_prompt, document_prompt, instruction, document_instruction))
+
+
+def _filled(query_prompt: str, document_prompt: str, instruction: str, document_instruction: str
+            ) -> tuple[str, str]:
+    """The two templates with the instructions filled in (see `task_prompt`)."""
     q = fill_instruction(query_prompt, instruction)
     d = fill_instruction(fill_instruction(document_prompt, instruction, ("task",)), document_instruction,
                          ("instruction",))
-    return prompt_from_config(q, d)
+    return q, d
 
 
 def config_prompt(data_cfg: Any) -> Prompt | None:
@@ -197,10 +203,8 @@ def config_prompt(data_cfg: Any) -> Prompt | None:
 
 def config_prompt_strings(data_cfg: Any) -> tuple[str, str]:
     """(query, document) prompt strings of `config_prompt`, for APIs that take prompt strings (evaluators)."""
-    q = fill_instruction(data_cfg.get("query_prompt", ""), data_cfg.get("instruction", ""))
-    d = fill_instruction(fill_instruction(data_cfg.get("document_prompt", ""), data_cfg.get("instruction", ""),
-                                          ("task",)), data_cfg.get("document_instruction", ""), ("instruction",))
-    return q, d
+    return _filled(data_cfg.get("query_prompt", ""), data_cfg.get("document_prompt", ""),
+                   data_cfg.get("instruction", ""), data_cfg.get("document_instruction", ""))
 
 
 def prompt_from_st(prompts: dict[str, str] | None) -> Prompt | None:
