@@ -10,26 +10,38 @@ Train on a TPU slice (every worker runs the same command, see tpu/README section
     embedjax train --config configs/sentence_t5.py:base --workdir gs://BUCKET/runs/st5_base \\
         --config.data.kind=pairs --config.data.path=/data/pairs.jsonl
 
-Result (`embedjax aot ... --topology v5e-256`, libtpu 0.0.42.1, compiled on a 2-core CPU, per chip of 16 GiB):
-  size   batch  activations unconstrained (2026-11)   constrained to the batch sharding (the models today)
-  base    512   fits, 13.85 GiB (87%)                 0.73 GiB
-  large  1024   does not fit: 50.8 GiB temps          2.42 GiB
-  xl     2048   does not fit: 402.9 GiB               7.49 GiB
-  xxl    2048   does not fit: 201.5 GiB               13.64 GiB (85%; grad_cache_chunks=4)
-XXL with rematerialisation and scanned layers (`python bench/aot_remat_scan.py`, 2026-12-03): remat_policy=full
-7.43 GiB; scan_layers=True 4.51 GiB and 4.8x less compile time; both 1.24 GiB. The training result depends on
-the pairs you train on (the default data is the shipped SciFact train split: a smoke test only).
+Data: ``{"query", "positive"}`` JSONL pairs (the paper trains on community QA pairs, then on NLI); without the
+overrides it trains on the shipped SciFact train split, a smoke test only. The full sizes were not trained here
+(data and TPU time not available on the development machine).
 
-Variants (comma-separated, big_vision style), e.g. `:xxl`, `:large,v1_1`, `:base,pretrained`, `:tiny`:
+Result (`embedjax aot ... --topology v5e-256`, libtpu 0.0.42.1, compiled on a 2-core CPU, per chip of 16 GiB):
+  size   batch  peak per chip
+  base    512   0.73 GiB (re-measured 2026-12-03: 0.725 GiB, 176 s to compile)
+  large  1024   2.42 GiB
+  xl     2048   7.49 GiB
+  xxl    2048   13.64 GiB (85%; grad_cache_chunks=4)
+XXL with rematerialisation and scanned layers (`python bench/aot_remat_scan.py`, 2026-12-03): remat_policy=full
+7.43 GiB; scan_layers=True 4.51 GiB and 4.8x less compile time; both 1.24 GiB.
+
+Smoke run (tests/test_recipes.py, 8 fake CPU devices): the same architecture at tiny size from a tiny
+pretrained T5 v1.0 folder (any Hugging Face T5 folder with its SentencePiece tokenizer), 12 steps on the
+shipped SciFact train pairs; the loss falls (6.5 -> 2.7 on the test's checkpoint):
+
+    embedjax train --config configs/sentence_t5.py:smoke --workdir /tmp/st5_smoke --config.init_from=PATH
+
+Variants (comma-separated, big_vision style), e.g. `:xxl`, `:large,v1_1`, `:base,pretrained`, `:tiny`, `:smoke`:
   tiny | base | large | xl | xxl   size. base/large/xl/xxl have exactly the encoder shapes of
                                    `sentence-transformers/sentence-t5-{base,large,xl,xxl}` (T5 v1.0: ReLU MLP;
                                    xl = the T5-3B encoder, xxl = the T5-11B encoder); tiny is for tests.
   v1_1                             T5 v1.1 shapes instead (gated-GELU MLP, e.g. to start from t5-v1_1-* weights).
   pretrained                       init_from the Hugging Face id (downloads the weights; without it the
                                    architecture is built from `model_config` and nothing is downloaded).
+  smoke                            alone: tiny lengths, batch 16, 12 steps on (data 2, fsdp 4), a new 32-d
+                                   projection on the T5 v1.0 checkpoint `--config.init_from=PATH` (required).
 """
 from embedjax.config import base_config
 from embedjax.data.sources import shipped_path
+from embedjax.recipes import smoke_training
 
 # (d_model, d_ff, num_heads, d_kv, num_layers): the encoders of the published Sentence-T5 checkpoints (T5 v1.0).
 _T5_V1_0 = {
@@ -46,7 +58,7 @@ _T5_V1_1 = {
     "xxl": (4096, 10240, 64, 64, 24),
 }
 _TINY = (32, 64, 4, 8, 2)
-_SIZES = ("tiny", "base", "large", "xl", "xxl")
+_SIZES = ("tiny", "base", "large", "xl", "xxl", "smoke")
 _FLAGS = ("v1_1", "pretrained")
 
 # Global batch, (data, fsdp, tensor) mesh and gradient-cache chunks per size, checked with `embedjax aot` on a
@@ -68,11 +80,16 @@ def _parse(arg):
     if unknown or len(sizes) != 1:
         raise ValueError(f"configs/sentence_t5.py: variant {arg!r}: expected one size of {', '.join(_SIZES)} "
                          f"plus optional {', '.join(_FLAGS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    if sizes == ["smoke"] and len(tokens) > 1:
+        raise ValueError(f"configs/sentence_t5.py: variant {arg!r}: 'smoke' takes no other token (it starts from "
+                         "the T5 v1.0 checkpoint given by --config.init_from=PATH)")
     return sizes[0], "v1_1" in tokens, "pretrained" in tokens
 
 
 def get_config(arg=None):
     size, v1_1, pretrained = _parse(arg)
+    if size == "smoke":
+        return _smoke()
     if size == "tiny":
         d_model, d_ff, heads, d_kv, layers = _TINY
     else:
@@ -129,3 +146,14 @@ def get_config(arg=None):
         c.eval.tasks = ()
         c.export_final = False
     return c
+
+
+def _smoke():
+    """The recipe at tiny size from a tiny pretrained T5 v1.0 checkpoint (`--config.init_from=PATH`, required):
+    the checkpoint's encoder, a new bias-free 32-d projection, Adafactor, bidirectional in-batch softmax, the
+    shipped SciFact train pairs, 8 fake devices as (data 2, fsdp 4) (tests/test_recipes.py)."""
+    c = get_config("tiny")
+    c.init_from = ""                     # required: --config.init_from=PATH
+    c.model_config = {"head": dict(pooling="mean", projection_dim=32, projection_bias=False, normalize=True)}
+    c.tokenizer = ""                     # the checkpoint's
+    return smoke_training(c, lr=1e-2, mesh=(2, 4))

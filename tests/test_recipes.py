@@ -1,8 +1,16 @@
-"""The Gecko-like recipe end to end at tiny size (configs/gecko.py :smoke_pre then :smoke_ft) on 8 fake devices:
-a tiny pretrained Gemma 3 checkpoint switched to bidirectional attention, stage 1 on weak pairs, stage 2 started
-from stage 1's workdir on a mixture with per-task instructions (one FRet-style source whose rows carry their task
-description), one task per batch, hard and same-tower negatives, false-negative masks, Matryoshka; then
-`embedjax eval` and the sentence-transformers export, loaded by sentence-transformers."""
+"""The recipes end to end at tiny size on 8 fake devices, each started from a tiny pretrained checkpoint the test
+writes first: train (both stages where there are two), `embedjax eval` on the shipped STS-B test split,
+`embedjax export`, the exports loaded by plain TensorFlow / sentence-transformers and compared with
+`Encoder.encode` with the query prompt on 50 texts to 1e-5.
+
+* Gecko-like (configs/gecko.py :smoke_pre then :smoke_ft): a tiny Gemma 3 switched to bidirectional attention,
+  stage 1 on weak pairs, stage 2 started from stage 1's workdir on a mixture with per-task instructions (one
+  FRet-style source whose rows carry their task description), one task per batch, hard and same-tower negatives,
+  false-negative masks, Matryoshka; the sentence-transformers export only (no SavedModel: the test's byte-level
+  BPE tokenizer has no in-graph form).
+* E5-style (configs/e5.py :smoke_pre then :smoke_ft) from a tiny BERT.
+* Sentence-T5 (configs/sentence_t5.py:smoke) from a tiny T5 v1.0 written by transformers' PyTorch T5 with a
+  SentencePiece tokenizer trained here."""
 import json
 
 import numpy as np
@@ -18,6 +26,40 @@ SHIPPED = REPO / "embedjax" / "data" / "shipped"
 def _losses(workdir):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def _assert_loss_falls(workdir):
+    losses = _losses(workdir)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), (str(workdir), losses)
+
+
+def _eval_stsb(model_dir, out):
+    from embedjax.cli import main
+
+    assert main(["eval", "--model", str(model_dir), "--task", "stsb", "--data", str(SHIPPED / "stsb"), "--split",
+                 "test", "--output", str(out)]) == 0
+    assert "spearman" in json.loads(out.read_text())["metrics"]
+
+
+def _check_exports(workdir, out, texts, ours, *, signature, st_prompt_name):
+    """`embedjax export` of `workdir` to a SavedModel (loaded with plain TensorFlow: `signature` on `texts`) and
+    to a sentence-transformers folder (loaded by sentence-transformers: `texts` with the prompt called
+    `st_prompt_name`, or none): both equal `ours` to 1e-5. Returns the SentenceTransformer."""
+    import tensorflow as tf
+    from sentence_transformers import SentenceTransformer
+
+    from embedjax.cli import main
+
+    assert main(["export", "--workdir", str(workdir), "--output", str(out / "sm" / "1")]) == 0
+    sm = tf.saved_model.load(str(out / "sm" / "1"))
+    served = sm.signatures[signature](text=tf.constant(texts))["embedding"].numpy()
+    np.testing.assert_allclose(served, ours, atol=1e-5)
+    assert main(["export", "--workdir", str(workdir), "--format", "sentence-transformers",
+                 "--output", str(out / "st")]) == 0
+    st = SentenceTransformer(str(out / "st"), device="cpu")
+    theirs = st.encode(texts, prompt_name=st_prompt_name, convert_to_numpy=True)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    return sm, st
 
 
 @pytest.mark.slow
@@ -143,3 +185,52 @@ def test_e5_smoke_two_stages_eval_and_both_exports(tmp_path, tiny_bert_dir):
     st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert st.prompts.get("query") == "query: " and st.prompts.get("document") == "passage: "
     np.testing.assert_allclose(st.encode(texts, prompt_name="query", convert_to_numpy=True), ours, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoints(tmp_path_factory):
+    """One SentencePiece tokenizer, a tiny pretrained T5 v1.0 folder (Sentence-T5's start)."""
+    from _spm import make_spm_tokenizer_dir, write_t5_checkpoint
+
+    root = tmp_path_factory.mktemp("t5")
+    tok = make_spm_tokenizer_dir(root)
+    return {"v1_0": write_t5_checkpoint(root / "t5-v1_0", tok, v1_1=False)}
+
+
+def _started_from(final, ckpt):
+    """The trained encoder is the checkpoint's, moved by training: its token embeddings correlate with the
+    pretrained ones (a random start would not) and differ from them."""
+    from embedjax.models.convert import load_folder
+
+    pre = np.asarray(load_folder(ckpt)[1]["tower"]["encoder"]["token_embedder"]["embedding"])
+    got = np.asarray(final.params["tower"]["encoder"]["token_embedder"]["embedding"])
+    assert got.shape == pre.shape and not np.allclose(got, pre)
+    assert np.corrcoef(got.ravel(), pre.ravel())[0, 1] > 0.9
+
+
+@pytest.mark.slow
+def test_sentence_t5_smoke_eval_and_both_exports(tmp_path, t5_checkpoints):
+    """configs/sentence_t5.py:smoke from a tiny pretrained T5 v1.0 (ReLU) on the shipped SciFact train pairs:
+    a new bias-free projection, Adafactor, bidirectional in-batch softmax; `embedjax eval`; both exports.
+    Sentence-T5 has no prompts, so the SavedModel's query encoding is its `serving_default` signature."""
+    from embedjax import Encoder
+    from embedjax.config import load_config
+    from embedjax.trainer import train_and_evaluate
+
+    cfg = load_config("configs/sentence_t5.py:smoke", [f"init_from='{t5_checkpoints['v1_0']}'"])
+    assert cfg.optim.name == "adafactor" and cfg.loss.bidirectional and (cfg.mesh.data, cfg.mesh.fsdp) == (2, 4)
+    assert train_and_evaluate(cfg, tmp_path / "run")["final_step"] == cfg.num_steps
+    _assert_loss_falls(tmp_path / "run")
+    final = Encoder.load(tmp_path / "run" / "final")
+    assert final.config.architecture == "t5" and not final.config.encoder.is_gated
+    head = final.config.head
+    assert (head.pooling, head.projection_dim, head.projection_bias, head.normalize) == ("mean", 32, False, True)
+    _started_from(final, t5_checkpoints["v1_0"])
+    _eval_stsb(tmp_path / "run" / "final", tmp_path / "eval.json")
+
+    texts = [json.loads(line)["text"] for line in (SHIPPED / "scifact" / "queries.jsonl").open()][:50]
+    ours = final.encode(texts)
+    sm, st = _check_exports(tmp_path / "run", tmp_path, texts, ours, signature="serving_default",
+                            st_prompt_name=None)
+    assert "query" not in sm.signatures and not st.prompts.get("query")
+
