@@ -9,8 +9,9 @@ writes first: train (both stages where there are two), `embedjax eval` on the sh
   false-negative masks, Matryoshka; the sentence-transformers export only (no SavedModel: the test's byte-level
   BPE tokenizer has no in-graph form).
 * E5-style (configs/e5.py :smoke_pre then :smoke_ft) from a tiny BERT.
-* Sentence-T5 (configs/sentence_t5.py:smoke) from a tiny T5 v1.0 written by transformers' PyTorch T5 with a
-  SentencePiece tokenizer trained here."""
+* Sentence-T5 (configs/sentence_t5.py:smoke) from a tiny T5 v1.0 and GTR (configs/gtr.py:smoke) from a tiny T5
+  v1.1, both written by transformers' PyTorch T5 with one SentencePiece tokenizer trained here (a module-scoped
+  fixture)."""
 import json
 
 import numpy as np
@@ -139,10 +140,7 @@ def test_e5_smoke_two_stages_eval_and_both_exports(tmp_path, tiny_bert_dir):
     BERT folder; `embedjax eval`; `embedjax export` to a SavedModel (loaded with plain TensorFlow) and to a
     sentence-transformers folder (loaded by sentence-transformers): both equal `Encoder.encode` with the query
     prompt on 50 texts to 1e-5."""
-    import tensorflow as tf
-
     from embedjax import Encoder
-    from embedjax.cli import main
     from embedjax.config import load_config
     from embedjax.data import records
     from embedjax.trainer import train_and_evaluate
@@ -163,38 +161,27 @@ def test_e5_smoke_two_stages_eval_and_both_exports(tmp_path, tiny_bert_dir):
         f"data.sources={[{'name': 'triplets', 'files': str(tmp_path / 'triplets' / 'part-*.jsonl')}]!r}"])
     assert train_and_evaluate(ft, tmp_path / "stage2")["final_step"] == ft.num_steps
     for stage in ("stage1", "stage2"):
-        losses = _losses(tmp_path / stage)
-        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (stage, losses)
+        _assert_loss_falls(tmp_path / stage)
 
     final = Encoder.load(tmp_path / "stage2" / "final")
-    assert main(["eval", "--model", str(tmp_path / "stage2" / "final"), "--task", "stsb", "--data",
-                 str(SHIPPED / "stsb"), "--split", "test", "--output", str(tmp_path / "eval.json")]) == 0
-    assert "spearman" in json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    _eval_stsb(tmp_path / "stage2" / "final", tmp_path / "eval.json")
 
     texts = [r["query"] for r in rows["fact"][:50]]
     ours = final.encode(texts, prompt="query: ")
     np.testing.assert_allclose(final.encode_queries(texts), ours, atol=1e-6)
-    assert main(["export", "--workdir", str(tmp_path / "stage2"), "--output", str(tmp_path / "sm" / "1")]) == 0
-    sm = tf.saved_model.load(str(tmp_path / "sm" / "1"))
-    served = sm.signatures["query"](text=tf.constant(texts))["embedding"].numpy()
-    np.testing.assert_allclose(served, ours, atol=1e-5)
-    assert main(["export", "--workdir", str(tmp_path / "stage2"), "--format", "sentence-transformers",
-                 "--output", str(tmp_path / "st")]) == 0
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    _, st = _check_exports(tmp_path / "stage2", tmp_path, texts, ours, signature="query", st_prompt_name="query")
     assert st.prompts.get("query") == "query: " and st.prompts.get("document") == "passage: "
-    np.testing.assert_allclose(st.encode(texts, prompt_name="query", convert_to_numpy=True), ours, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def t5_checkpoints(tmp_path_factory):
-    """One SentencePiece tokenizer, a tiny pretrained T5 v1.0 folder (Sentence-T5's start)."""
+    """One SentencePiece tokenizer, two tiny pretrained T5 folders: v1.0 (Sentence-T5's start) and v1.1 (GTR's)."""
     from _spm import make_spm_tokenizer_dir, write_t5_checkpoint
 
     root = tmp_path_factory.mktemp("t5")
     tok = make_spm_tokenizer_dir(root)
-    return {"v1_0": write_t5_checkpoint(root / "t5-v1_0", tok, v1_1=False)}
+    return {"v1_0": write_t5_checkpoint(root / "t5-v1_0", tok, v1_1=False),
+            "v1_1": write_t5_checkpoint(root / "t5-v1_1", tok, v1_1=True)}
 
 
 def _started_from(final, ckpt):
@@ -234,3 +221,34 @@ def test_sentence_t5_smoke_eval_and_both_exports(tmp_path, t5_checkpoints):
                             st_prompt_name=None)
     assert "query" not in sm.signatures and not st.prompts.get("query")
 
+
+@pytest.mark.slow
+def test_gtr_smoke_eval_and_both_exports(tmp_path, t5_checkpoints):
+    """configs/gtr.py:smoke from a tiny pretrained T5 v1.1 (gated GELU) on triplets with one hard negative:
+    a new bias-free projection, Adafactor, query->document in-batch softmax; `embedjax eval`; both exports (GTR
+    has no prompts: `serving_default` is the query encoding)."""
+    from embedjax import Encoder
+    from embedjax.config import load_config
+    from embedjax.data import records
+    from embedjax.trainer import train_and_evaluate
+
+    rows = scifact_rows(SHIPPED, 200)["fact"]
+    records.write_jsonl(tmp_path / "triplets.jsonl", [{"query": r["query"], "positive": r["positive"],
+                                                       "negatives": r["negatives"][:1]} for r in rows])
+    cfg = load_config("configs/gtr.py:smoke", [f"init_from='{t5_checkpoints['v1_1']}'",
+                                               f"data.path='{tmp_path / 'triplets.jsonl'}'"])
+    assert cfg.optim.name == "adafactor" and not cfg.loss.bidirectional and cfg.data.num_negatives == 1
+    assert train_and_evaluate(cfg, tmp_path / "run")["final_step"] == cfg.num_steps
+    _assert_loss_falls(tmp_path / "run")
+    final = Encoder.load(tmp_path / "run" / "final")
+    assert final.config.architecture == "t5" and final.config.encoder.is_gated
+    head = final.config.head
+    assert (head.pooling, head.projection_dim, head.projection_bias, head.normalize) == ("mean", 32, False, True)
+    _started_from(final, t5_checkpoints["v1_1"])
+    _eval_stsb(tmp_path / "run" / "final", tmp_path / "eval.json")
+
+    texts = [r["query"] for r in rows[:50]]
+    ours = final.encode(texts)
+    sm, st = _check_exports(tmp_path / "run", tmp_path, texts, ours, signature="serving_default",
+                            st_prompt_name=None)
+    assert "query" not in sm.signatures and not st.prompts.get("query")
