@@ -223,3 +223,78 @@ def test_shellcheck_clean():
     r = subprocess.run([exe, "-x", *sorted(str(p) for p in TPU.glob("*.sh"))], capture_output=True,
                        text=True, cwd=REPO, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _play_on_one_worker(cmds: list[list[str]], home: Path,
+                        env: dict[str, str]) -> tuple[list[str], list[subprocess.CompletedProcess]]:
+    """Carries out a dry run's gcloud commands as one worker receives them: `tpu-vm scp SRC... NAME:DEST` copies
+    each SRC (relative to the repository, where run.sh runs) into DEST under `home`; `tpu-vm ssh --command=CMD`
+    runs CMD with bash in `home` with HOME=`home` (ssh's start). Anything else is an error. Returns the files
+    copied (relative to `home`) and each ssh command's result."""
+    copied, done = [], []
+    for c in cmds:
+        assert c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"], c
+        if c[4] == "scp":
+            words = [a for a in c[5:] if not a.startswith("--")]
+            *sources, dest = words
+            assert sources and ":" in dest, c
+            target = home / dest.split(":", 1)[1]
+            for src in sources:
+                path = REPO / src
+                assert path.is_file(), f"run.sh ships {src}, which is not a file"
+                to = target / path.name if dest.endswith("/") else target
+                shutil.copy(path, to)
+                copied.append(str(to.relative_to(home)))
+        elif c[4] == "ssh":
+            r = subprocess.run(["bash", "-c", remote_command(c)], cwd=home, env={**env, "HOME": str(home)},
+                               capture_output=True, text=True, timeout=900, check=False)
+            assert r.returncode == 0, (remote_command(c), r.stdout[-3000:], r.stderr[-3000:])
+            done.append(r)
+        else:
+            raise AssertionError(f"a dry-run command this test cannot play: {c}")
+    return copied, done
+
+
+@pytest.mark.slow
+def test_gecko_runs_on_a_worker_from_exactly_what_run_sh_ships(tmp_path, gcs_path):
+    """`tpu/run.sh --dry-run` with configs/gecko.py lists everything a worker needs: its commands, played on a
+    fresh home directory holding only what they copy there (and the venv setup.sh installs, here this one),
+    train configs/gecko.py:smoke_pre for 2 steps into a bucket (the GCS emulator). The overrides travel through
+    run.sh's quoting into the worker's shell intact."""
+    from _llm import write_checkpoint
+    from _mixture import scifact_rows
+
+    from embedjax.data import records
+
+    ckpt = write_checkpoint("gemma3", tmp_path / "pretrained")
+    rows = scifact_rows(REPO / "embedjax" / "data" / "shipped", 64)["title"]
+    records.write_jsonl(tmp_path / "pairs.jsonl", [{"query": r["q"], "positive": r["doc"]} for r in rows])
+    (gcs_path / "data").mkdir(parents=True)
+    (gcs_path / "data" / "pre-0.jsonl").write_text((tmp_path / "pairs.jsonl").read_text())
+    sources = [{"name": "pre", "files": f"{gcs_path}/data/*.jsonl"}]
+    workdir = f"{gcs_path}/run"
+    cmds = dry("run", "--name", "gecko", "--zone", "us-central2-b", "--accelerator-type", "v4-8", "--foreground",
+               "--config", "configs/gecko.py:smoke_pre", "--workdir", workdir, "--",
+               f"--config.init_from={ckpt}", f"--config.data.sources={sources!r}", "--config.num_steps=2")
+    assert [c[4] for c in cmds] == ["ssh", "scp", "ssh"]
+
+    home = tmp_path / "worker-home"
+    home.mkdir()
+    venv = home / "embedjax-venv" / "bin"
+    venv.mkdir(parents=True)
+    exe = Path(sys.executable).with_name("embedjax")
+    assert exe.is_file(), f"no embedjax console script beside {sys.executable}"
+    (venv / "embedjax").symlink_to(exe)
+    # a worker of a single-host slice: no multi-process launch variables, no metadata-server probe
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TPU_", "MEGASCALE_", "SLURM_", "OMPI_")) and k != "JAX_COORDINATOR_ADDRESS"}
+    env["TPU_SKIP_MDS_QUERY"] = "1"
+    shipped, (_, train) = _play_on_one_worker(cmds, home, env)
+    assert shipped == ["embedjax-configs/gecko.py"]
+    assert "trained to step 2" in train.stdout, train.stdout[-3000:]
+    assert f"starting from pretrained {ckpt}" in train.stdout
+    from embedjax.config import read_workdir_config
+
+    ran = read_workdir_config(workdir)
+    assert ran.init_from == str(ckpt) and ran.num_steps == 2 and list(ran.data.sources) == sources
+    assert ran.model_config.encoder.attention == "bidirectional" and ran.data.query_prompt.startswith("task: ")

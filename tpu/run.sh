@@ -88,7 +88,7 @@ for e in "${envs[@]+"${envs[@]}"}"; do
   prefix+="export $(quote "$e"); "
 done
 if [[ "$foreground" == 1 ]]; then
-  remote="${prefix}$train 2>&1 | tee $REMOTE_LOG"
+  remote="${prefix}set -o pipefail; $train 2>&1 | tee $REMOTE_LOG"   # the run's exit status, not tee's
 else
   # Detached: survives the ssh session; the pid file lets run.sh --stop end it.
   remote="${prefix}if [ -f $REMOTE_PID ] && kill -0 \$(cat $REMOTE_PID) 2>/dev/null; then echo \"\$(hostname): already running (pid \$(cat $REMOTE_PID)); run.sh --stop first\"; exit 1; fi; "
