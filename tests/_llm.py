@@ -1,5 +1,6 @@
 """Tiny decoder-LLM checkpoints written by the tests (transformers' PyTorch models as the writer): a Qwen3 or
-Gemma 3 *ForCausalLM folder with a byte-level BPE tokenizer trained here, as a hub checkpoint looks."""
+Gemma 3 *ForCausalLM folder with a tokenizer trained here, as a hub checkpoint looks: byte-level BPE, or for
+Gemma 3 optionally a SentencePiece model as Gemma ships (`tokenizer.model`, which has an in-graph form)."""
 from pathlib import Path
 
 V = 1000
@@ -41,25 +42,62 @@ def tokenizer(kind: str):
                                                 model_input_names=["input_ids", "attention_mask"])
 
 
-def write_checkpoint(kind: str, folder: Path, seed: int = 0) -> Path:
-    """A tiny random `kind` ("qwen3" | "gemma3") ForCausalLM folder (safetensors + tokenizer) at `folder`."""
+def write_sentencepiece_tokenizer(folder: Path):
+    """Gemma's kind of tokenizer, at `folder`: a SentencePiece BPE model trained here with the settings of Gemma 3's
+    tokenizer.model (byte fallback, digits split one by one, no dummy prefix, no normalisation, whitespace kept;
+    "<pad>" 0, "<eos>" 1, "<bos>" 2, "<unk>" 3), saved as tokenizer.model, and the Hugging Face GemmaTokenizer
+    transformers converts from it (tokenizer.json; "<bos>" in front of every text). Returns that tokenizer."""
+    import json
+    import tempfile
+
+    import sentencepiece as spm
+    import transformers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(_corpus_texts()), encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=V, model_type="bpe",
+            byte_fallback=True, split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, pad_id=0, eos_id=1, bos_id=2,
+            unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))   # converts tokenizer.model
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def write_checkpoint(kind: str, folder: Path, seed: int = 0, *, sentencepiece: bool = False) -> Path:
+    """A tiny random `kind` ("qwen3" | "gemma3") ForCausalLM folder (safetensors + tokenizer) at `folder`;
+    `sentencepiece` (gemma3 only): Gemma's SentencePiece tokenizer (`write_sentencepiece_tokenizer`) instead of
+    the byte-level BPE one."""
     import torch
     import transformers
 
+    if sentencepiece and kind != "gemma3":
+        raise ValueError(f"sentencepiece=True is Gemma's tokenizer, not {kind}'s")
+    tok = write_sentencepiece_tokenizer(folder) if sentencepiece else tokenizer(kind)
+    # the SentencePiece pieces plus what the Hugging Face tokenizer adds to them (GemmaTokenizer's "<mask>")
+    vocab = len(tok) if sentencepiece else V
     torch.manual_seed(seed)
     if kind == "qwen3":
-        cfg = transformers.Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
                                        tie_word_embeddings=True)
         model = transformers.Qwen3ForCausalLM(cfg)
     else:
         cfg = transformers.Gemma3TextConfig(
-            vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=8,
             layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16, pad_token_id=0,
             eos_token_id=1, bos_token_id=2)
         model = transformers.Gemma3ForCausalLM(cfg)
     model.eval().save_pretrained(str(folder))
-    tokenizer(kind).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
     return Path(folder)

@@ -6,8 +6,8 @@ writes first: train (both stages where there are two), `embedjax eval` on the sh
 * Gecko-like (configs/gecko.py :smoke_pre then :smoke_ft): a tiny Gemma 3 switched to bidirectional attention,
   stage 1 on weak pairs, stage 2 started from stage 1's workdir on a mixture with per-task instructions (one
   FRet-style source whose rows carry their task description), one task per batch, hard and same-tower negatives,
-  false-negative masks, Matryoshka; the sentence-transformers export only (no SavedModel: the test's byte-level
-  BPE tokenizer has no in-graph form).
+  false-negative masks, Matryoshka; the checkpoint carries a SentencePiece tokenizer.model as Gemma ships, so
+  the SavedModel tokenises in the graph (`<bos>` in front, as the Hugging Face tokenizer).
 * E5-style (configs/e5.py :smoke_pre then :smoke_ft) from a tiny BERT.
 * Sentence-T5 (configs/sentence_t5.py:smoke) from a tiny T5 v1.0 and GTR (configs/gtr.py:smoke) from a tiny T5
   v1.1, both written by transformers' PyTorch T5 with one SentencePiece tokenizer trained here (a module-scoped
@@ -64,14 +64,13 @@ def _check_exports(workdir, out, texts, ours, *, signature, st_prompt_name):
 
 
 @pytest.mark.slow
-def test_gecko_smoke_two_stages_eval_and_export(tmp_path, caplog):
+def test_gecko_smoke_two_stages_eval_and_both_exports(tmp_path, caplog):
     from embedjax import Encoder
-    from embedjax.cli import main
     from embedjax.config import load_config
     from embedjax.data import records
     from embedjax.trainer import train_and_evaluate
 
-    ckpt = write_checkpoint("gemma3", tmp_path / "pretrained")
+    ckpt = write_checkpoint("gemma3", tmp_path / "pretrained", sentencepiece=True)
     rows = scifact_rows(SHIPPED, 160)
     records.write_jsonl(tmp_path / "pre" / "part-0.jsonl",
                         [{"query": r["q"], "positive": r["doc"]} for r in rows["title"]])
@@ -100,8 +99,7 @@ def test_gecko_smoke_two_stages_eval_and_export(tmp_path, caplog):
         res2 = train_and_evaluate(ft, tmp_path / "stage2")
     assert res2["final_step"] == ft.num_steps
     for stage in ("stage1", "stage2"):
-        losses = _losses(tmp_path / stage)
-        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (stage, losses)
+        _assert_loss_falls(tmp_path / stage)
     assert "task fret" in caplog.text and "task titles" in caplog.text and "masked false negatives" in caplog.text
     manifest = json.loads((tmp_path / "stage2" / "prepared" / "manifest.json").read_text())
     assert manifest["tasks"]["fret"]["instruction"] == fret[0]["task"]      # the rows' own task descriptions
@@ -114,24 +112,24 @@ def test_gecko_smoke_two_stages_eval_and_export(tmp_path, caplog):
     assert not np.allclose(s1.encode(texts[:4]), s2.encode(texts[:4]), atol=1e-3)
     assert e0.config.head.projection_dim != 64
 
-    # evaluation on the shipped STS-B test split through the CLI
-    assert main(["eval", "--model", str(tmp_path / "stage2" / "final"), "--task", "stsb", "--data",
-                 str(SHIPPED / "stsb"), "--split", "test", "--output", str(tmp_path / "eval.json")]) == 0
-    assert "spearman" in json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    _eval_stsb(tmp_path / "stage2" / "final", tmp_path / "eval.json")
 
-    # the sentence-transformers export from the workdir, loaded by sentence-transformers, with the query prompt
-    out = tmp_path / "st"
-    assert main(["export", "--workdir", str(tmp_path / "stage2"), "--format", "sentence-transformers",
-                 "--output", str(out)]) == 0
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(out), device="cpu")
+    # both exports from the workdir, with the query prompt; the SavedModel's document signature too
     query_prompt = "task: search result | query: "
-    assert st.prompts.get("query") == query_prompt
     ours = s2.encode(texts, prompt=query_prompt)
-    theirs = st.encode(texts, prompt_name="query", convert_to_numpy=True)
-    np.testing.assert_allclose(theirs, ours, atol=1e-5)
     np.testing.assert_allclose(s2.encode_queries(texts), ours, atol=1e-6)
+    sm, st = _check_exports(tmp_path / "stage2", tmp_path, texts, ours, signature="query", st_prompt_name="query")
+    assert st.prompts.get("query") == query_prompt
+    import tensorflow as tf
+
+    docs = [r["positive"]["text"] for r in rows["fact"][:20]]
+    np.testing.assert_allclose(sm.signatures["document"](text=tf.constant(docs))["embedding"].numpy(),
+                               s2.encode_documents(docs), atol=1e-5)
+    # Matryoshka (64, 16) in training: 'embedding' is the 64, 'embedding_16' the other
+    outputs = sm.signatures["query"](text=tf.constant(texts))
+    assert sorted(outputs) == ["embedding", "embedding_16"]
+    np.testing.assert_allclose(outputs["embedding_16"].numpy(), s2.encode(texts, prompt=query_prompt, dim=16),
+                               atol=1e-5)
 
 
 @pytest.mark.slow

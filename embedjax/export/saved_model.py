@@ -416,7 +416,8 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
     """Writes a TF Serving SavedModel of `model` (an `Encoder`, a model folder / hub id, a training workdir or
     an `ExportSource`) to `output_dir` (``BASE/VERSION``); returns the folder.
 
-    `matryoshka_dims` adds ``embedding_{d}`` outputs (default: the workdir's ``loss.matryoshka_dims``).
+    `matryoshka_dims` adds ``embedding_{d}`` outputs (default: the workdir's ``loss.matryoshka_dims`` less the
+    full size, which is ``embedding``; given explicitly, the full size is an error).
     `precisions` (int8, uint8, binary, ubinary) adds ``embedding_{precision}`` / ``embedding_{d}_{precision}``
     codes, as `Encoder.encode(precision=...)` returns them (`embedjax.quantize`); int8 / uint8 need the model's
     calibration ranges for each output dim (`Encoder.calibrate`, saved as ``quantization_ranges.json``), which
@@ -445,7 +446,12 @@ def export_saved_model(model: Any, output_dir: str | os.PathLike, *,
     if cfg.architecture == "bert" and max_len > min(cfg.max_length, pos_limit or cfg.max_length):
         raise ExportError(f"max_length {max_len} exceeds the model's {cfg.max_length}")
     out_dim = cfg.embedding_dim if src.whitening is None else int(src.whitening[1].shape[1])
-    dims = tuple(int(d) for d in (src.matryoshka_dims if matryoshka_dims is None else matryoshka_dims))
+    if matryoshka_dims is None:
+        # the training dims (loss.matryoshka_dims) usually list the full size too (Gecko's (768, 256)), which
+        # is the 'embedding' output itself: only the smaller ones become outputs of their own
+        dims = tuple(int(d) for d in src.matryoshka_dims if int(d) != out_dim)
+    else:
+        dims = tuple(int(d) for d in matryoshka_dims)
     bad = [d for d in dims if not 1 <= d < out_dim]
     if bad:
         raise ExportError(f"matryoshka_dims {bad} must be in [1, {out_dim - 1}] "
