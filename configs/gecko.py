@@ -27,9 +27,9 @@ Data (replace the paths with yours via --config.data.sources=[...]):
 Not run at scale here (data and TPU time not available). ``:smoke_pre`` / ``:smoke_ft`` run the same
 architecture at tiny size on 8 fake devices (tests/test_recipes.py), started from a tiny pretrained Gemma 3 with
 a Gemma-style SentencePiece tokenizer: ``--config.init_from=PATH`` and ``--config.data.sources=[...]`` are
-required there. Measured on that tiny random checkpoint: both losses fall, but only to about the level of identical
-embeddings (stage 2: query/positive/negative cosine 1.00 from step 7, accuracy 0), so the smoke run checks the
-plumbing (stages, tasks, masks, exports), not learning.
+required there. Measured on that tiny random checkpoint: both losses fall, but only to about the level of
+identical embeddings (stage 2: query/positive/negative cosine 1.00 from step 7, accuracy 0), so the smoke run
+checks the plumbing (stages, tasks, masks, exports), not learning.
 """
 from embedjax.config import base_config
 from embedjax.recipes import smoke_training, stage_variant

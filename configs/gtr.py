@@ -12,7 +12,8 @@ downloaded) is exercised by the tests' AOT / config-loading checks.
 
 Smoke run (tests/test_recipes.py, 8 fake CPU devices as (data 4, fsdp 2)): the same recipe at tiny size from
 a tiny pretrained T5 v1.1 folder (any Hugging Face T5 v1.1 folder with its SentencePiece tokenizer), a new
-32-d projection, 12 steps of 16 triplets with one hard negative each; the loss falls (see the test):
+32-d projection, 12 steps of 16 triplets with one hard negative each; the loss falls (41.7 -> 5.5 on the test's
+checkpoint, temperature 0.01):
 
     embedjax train --config configs/gtr.py:smoke --workdir /tmp/gtr_smoke --config.init_from=PATH \\
         --config.data.path=triplets.jsonl
