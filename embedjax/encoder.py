@@ -73,7 +73,9 @@ class Encoder:
             # a mesh over several processes (evaluation during multi-host training): every process feeds the
             # same texts and reads back all embeddings, so the output is gathered (replicated)
             out_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        self._apply = jax.jit(self._forward, static_argnames=("tower", "normalize"), out_shardings=out_sharding)
+        from embedjax.models.layers import compiler_options
+        self._apply = jax.jit(self._forward, static_argnames=("tower", "normalize"), out_shardings=out_sharding,
+                              compiler_options=compiler_options(None if mesh is None else mesh.devices.flat))
 
     # --------------------------------------------------------------------------------------- construction
     @classmethod

@@ -338,4 +338,6 @@ def make_train_step(model_cfg: ModelConfig, objective: Objective, tx: optax.Grad
 
 def jit_train_step(step_fn, state_shardings: TrainState, mesh):
     """jit with donated state; batch shardings come from the (already sharded) input arrays."""
-    return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)))
+    from embedjax.models.layers import compiler_options
+    return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   compiler_options=compiler_options(mesh.devices.flat))

@@ -69,3 +69,25 @@ def test_blocks_keep_rows_on_their_device(monkeypatch):
     for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
         assert op not in hlo, op
     np.testing.assert_allclose(out, masked_attention(q, k, v, mask, scale=0.5, row_blocks=False), atol=1e-6)
+
+
+def test_cpu_compiler_options_reach_the_encoder(tiny_bert_dir, monkeypatch):
+    """On CPU, `Encoder.encode`'s forward pass is compiled with `layers.CPU_XLA_OPTIONS` (no YNNPACK fusions);
+    switched off, XLA's default fusions come back; a TPU device gets no CPU flags (its compiler would refuse
+    them)."""
+    from embedjax import Encoder
+
+    def compiled(enc):
+        ids, mask = enc._text.pad(enc._text.tokenize(["a short text", "another one"], 16).ids, 16, 2)
+        return enc._apply.lower(enc.params, ids, mask, tower="query", normalize=True).compile().as_text()
+
+    assert layers.compiler_options() == layers.CPU_XLA_OPTIONS
+    assert "__ynn_fusion" not in compiled(Encoder.load(tiny_bert_dir))
+    monkeypatch.setattr(layers, "CPU_XLA_OPTIONS_ENABLED", False)
+    assert layers.compiler_options() is None
+    assert "__ynn_fusion" in compiled(Encoder.load(tiny_bert_dir))
+
+    class Tpu:
+        platform = "tpu"
+    monkeypatch.setattr(layers, "CPU_XLA_OPTIONS_ENABLED", True)
+    assert layers.compiler_options([Tpu()]) is None
