@@ -3,7 +3,7 @@ scanned layers off and on (`remat_policy`, `scan_layers`): each combination is c
 libtpu's compile-only devices by `embedjax aot` in its own process (no TPU needed), and a table is printed.
 
     python bench/aot_remat_scan.py                                  # Sentence-T5-XXL on v5e-256 (batch 2048)
-    python bench/aot_remat_scan.py --config configs/sentence_t5.py:base --topology v5e-16
+    python bench/aot_remat_scan.py --config configs/sentence_t5.py:base,random --topology v5e-16
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ GiB = 2 ** 30
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/sentence_t5.py:xxl")
+    p.add_argument("--config", default="configs/sentence_t5.py:xxl,random")
     p.add_argument("--topology", default="v5e-256")
     p.add_argument("--remat", default="none,full", help="comma-separated remat policies")
     p.add_argument("--scan", default="False,True", help="comma-separated scan_layers values")

@@ -137,7 +137,7 @@ def consumption(aot_json: Path | None) -> dict[str, float]:
     if aot_json is None or not aot_json.exists():
         aot_json = aot_json or Path(tempfile.gettempdir()) / "embedjax_st5_base_v5e256.json"
         print(f"compiling Sentence-T5 base for v5e-256 (embedjax aot) -> {aot_json} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "embedjax.cli", "aot", "--config", "configs/sentence_t5.py:base",
+        subprocess.run([sys.executable, "-m", "embedjax.cli", "aot", "--config", "configs/sentence_t5.py:base,random",
                         "--topology", "v5e-256", "--json", str(aot_json)],
                        cwd=Path(__file__).resolve().parents[1], check=False)
     rep = json.loads(aot_json.read_text())
@@ -157,7 +157,7 @@ def main() -> int:
     ap.add_argument("--aot-json", default=str(Path(__file__).resolve().parent / "data" /
                                               "aot_sentence_t5_base_v5e256.json"),
                     help="`embedjax aot --json` output for Sentence-T5 base on v5e-256 (compiled if missing; the "
-                         "shipped one: `embedjax aot --config configs/sentence_t5.py:base --topology v5e-256`, "
+                         "shipped one: `embedjax aot --config configs/sentence_t5.py:base,random --topology v5e-256`, "
                          "2026-12-03, 979 s to compile here)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()

@@ -3,7 +3,7 @@ L2 normalisation, bidirectional in-batch softmax at temperature 0.01, parameters
 
 Check that a size fits a pod slice before renting it (compiles on this CPU machine, see `embedjax aot --help`):
 
-    embedjax aot --config configs/sentence_t5.py:xxl --topology v5e-256
+    embedjax aot --config configs/sentence_t5.py:xxl,random --topology v5e-256
 
 Train on a TPU slice (every worker runs the same command, see tpu/README section in the top-level README):
 
@@ -29,13 +29,17 @@ shipped SciFact train pairs; the loss falls (6.5 -> 2.7 on the test's checkpoint
 
     embedjax train --config configs/sentence_t5.py:smoke --workdir /tmp/st5_smoke --config.init_from=PATH
 
-Variants (comma-separated, big_vision style), e.g. `:xxl`, `:large,v1_1`, `:base,pretrained`, `:tiny`, `:smoke`:
+Variants (comma-separated, big_vision style), e.g. `:xxl`, `:xxl,random`, `:base,pretrained`, `:tiny`, `:smoke`:
   tiny | base | large | xl | xxl   size. base/large/xl/xxl have exactly the encoder shapes of
                                    `sentence-transformers/sentence-t5-{base,large,xl,xxl}` (T5 v1.0: ReLU MLP;
                                    xl = the T5-3B encoder, xxl = the T5-11B encoder); tiny is for tests.
-  v1_1                             T5 v1.1 shapes instead (gated-GELU MLP, e.g. to start from t5-v1_1-* weights).
-  pretrained                       init_from the Hugging Face id (downloads the weights; without it the
-                                   architecture is built from `model_config` and nothing is downloaded).
+  (no flag)                        the paper's start: init_from the pretrained T5 v1.0 checkpoint of that size
+                                   (google-t5/t5-base, -large, -3b, -11b; the encoder, plus a new 768-d
+                                   projection); `embedjax aot` reads only its config.json.
+  random                           the same architecture built from `model_config`, randomly initialised;
+                                   nothing is downloaded but the tokenizer (offline AOT checks, benchmarks).
+  v1_1                             T5 v1.1 shapes, random init (GTR's start is configs/gtr.py).
+  pretrained                       init_from the finished sentence-transformers/sentence-t5-SIZE model.
   smoke                            alone: tiny lengths, batch 16, 12 steps on (data 2, fsdp 4), a new 32-d
                                    projection on the T5 v1.0 checkpoint `--config.init_from=PATH` (required).
 """
@@ -59,7 +63,10 @@ _T5_V1_1 = {
 }
 _TINY = (32, 64, 4, 8, 2)
 _SIZES = ("tiny", "base", "large", "xl", "xxl", "smoke")
-_FLAGS = ("v1_1", "pretrained")
+_FLAGS = ("v1_1", "pretrained", "random")
+# The pretrained T5 v1.0 checkpoints the paper starts from (encoder only is used), per size.
+_T5_HUB = {"base": "google-t5/t5-base", "large": "google-t5/t5-large", "xl": "google-t5/t5-3b",
+           "xxl": "google-t5/t5-11b"}
 
 # Global batch, (data, fsdp, tensor) mesh and gradient-cache chunks per size, checked with `embedjax aot` on a
 # v5e-256 slice (see the table above); for smaller slices lower batch_size or raise grad_cache_chunks, and check
@@ -83,11 +90,13 @@ def _parse(arg):
     if sizes == ["smoke"] and len(tokens) > 1:
         raise ValueError(f"configs/sentence_t5.py: variant {arg!r}: 'smoke' takes no other token (it starts from "
                          "the T5 v1.0 checkpoint given by --config.init_from=PATH)")
-    return sizes[0], "v1_1" in tokens, "pretrained" in tokens
+    if "pretrained" in tokens and "random" in tokens:
+        raise ValueError(f"configs/sentence_t5.py: variant {arg!r}: 'pretrained' and 'random' exclude each other")
+    return sizes[0], "v1_1" in tokens, "pretrained" in tokens, "random" in tokens
 
 
 def get_config(arg=None):
-    size, v1_1, pretrained = _parse(arg)
+    size, v1_1, pretrained, random_init = _parse(arg)
     if size == "smoke":
         return _smoke()
     if size == "tiny":
@@ -101,6 +110,11 @@ def get_config(arg=None):
             raise ValueError(f"configs/sentence_t5.py: variant {arg!r}: 'pretrained' needs one of base, large, "
                              "xl, xxl without v1_1 (the published Sentence-T5 checkpoints)")
         c.init_from = hub_id
+    elif size != "tiny" and not v1_1 and not random_init:
+        # the paper's start: the pretrained T5 v1.0 encoder, a new 768-d bias-free projection
+        c.init_from = _T5_HUB[size]
+        c.model_config = {"head": dict(pooling="mean", projection_dim=768, projection_bias=False, normalize=True),
+                          "max_length": 256}
     else:
         c.model_config = {
             "architecture": "t5",

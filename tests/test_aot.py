@@ -137,7 +137,7 @@ def test_fallback_without_libtpu_records_the_error(monkeypatch):
         raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology.")
 
     monkeypatch.setattr(aot, "target_devices", no_libtpu)
-    cfg = load_config(ST5 + ":xxl")
+    cfg = load_config(ST5 + ":xxl,random")
     r = aot.check(cfg, aot.parse_topology("v5e-256"), config_name="st5-xxl")
     assert r.method == "estimate" and r.compiled is None
     assert r.libtpu_error == "RuntimeError: JAX TPU support not installed; cannot generate TPU topology."
@@ -159,14 +159,14 @@ def test_activation_estimate_scales_with_batch_and_grad_cache():
     mesh = aot.build_mesh({"data": 1, "fsdp": -1, "tensor": 1}, [aot._ShapeOnlyDevice(i) for i in range(16)])
     assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 1} and sharding.data_parallel_size(mesh) == 16
     def a(*o: str) -> int:
-        cfg = load_config(ST5 + ":base", o)
+        cfg = load_config(ST5 + ":base,random", o)
         return aot.activation_estimate(aot.model_config_from(cfg), cfg, mesh)
 
     base = a("batch_size=512")
     assert a("batch_size=1024") == pytest.approx(2 * base, rel=1e-6)
     assert a("batch_size=512", "grad_cache_chunks=4") == pytest.approx(base / 8, rel=1e-6)  # 1 of 2 towers, 1/4
     # tensor parallelism splits heads and MLP activations (same data-parallel size: 8 x 2 vs 8 x 1 devices)
-    cfg = load_config(ST5 + ":base")
+    cfg = load_config(ST5 + ":base,random")
     mc = aot.model_config_from(cfg)
     dev = [aot._ShapeOnlyDevice(i) for i in range(16)]
     tp2 = aot.activation_estimate(mc, cfg, aot.build_mesh({"data": 1, "fsdp": 8, "tensor": 2}, dev))
@@ -231,7 +231,8 @@ def test_batch_not_divisible_by_the_data_devices():
 
 # --------------------------------------------------------------------------------------------- the config
 
-@pytest.mark.parametrize("variant", ["tiny", "base", "large", "xl", "xxl", "xxl,v1_1", "base,pretrained"])
+@pytest.mark.parametrize("variant", ["tiny", "base,random", "large,random", "xl,random", "xxl,random", "xxl,v1_1",
+                                     "base,pretrained", "base", "xxl"])
 def test_sentence_t5_variants_load(variant):
     cfg = load_config(f"{ST5}:{variant}")
     assert cfg.loss.temperature == 0.01 and cfg.loss.bidirectional and cfg.loss.name == "in_batch_softmax"
@@ -240,6 +241,10 @@ def test_sentence_t5_variants_load(variant):
         assert cfg.init_from == "sentence-transformers/sentence-t5-base"
         return
     head = cfg.model_config.head
+    if variant in ("base", "xxl"):     # the paper's start: the pretrained T5 v1.0 encoder, a new projection
+        assert cfg.init_from == {"base": "google-t5/t5-base", "xxl": "google-t5/t5-11b"}[variant]
+        assert head.projection_dim == 768 and "encoder" not in cfg.model_config
+        return
     assert head.pooling == "mean" and head.projection_bias is False and head.normalize is True
     assert head.projection_dim == (32 if variant == "tiny" else 768)
     enc = cfg.model_config.encoder
@@ -255,7 +260,7 @@ def test_estimate_matches_the_model_size_ladder():
     """Parameter counts of the four sizes grow as the published ones do (110M, 335M, 1.24B, 4.87B)."""
     counts = []
     for size in ("base", "large", "xl", "xxl"):
-        r = aot.check(load_config(f"{ST5}:{size}"), aot.parse_topology("v5e-256"), estimate_only=True)
+        r = aot.check(load_config(f"{ST5}:{size},random"), aot.parse_topology("v5e-256"), estimate_only=True)
         counts.append(r.num_params)
     published = [110e6, 335e6, 1.24e9, 4.87e9]
     for got, want in zip(counts, published):
