@@ -61,13 +61,13 @@ EVAL_KINDS: tuple[str, ...] = ("beir", "stsb")
 # non-default value, is an error (it would be ignored).
 _DATA_COMMON = ("kind", "query_prompt", "document_prompt", "instruction", "document_instruction", "num_negatives",
                 "host_order", "one_task_per_batch")
-_PREPARE_KEYS = ("prepared_dir", "rows_per_shard", "instructions")
+_PREPARE_KEYS = ("prepared_dir", "rows_per_shard", "instructions", "workers")
 DATA_KEYS: dict[str, tuple[str, ...]] = {
     "beir": ("path", "split", "on_error"), "pairs": ("path", "on_error"), "stsb": ("path", "on_error"),
     "files": ("sources",) + _PREPARE_KEYS,
     "seqio": ("mixture", "module", "split", "num_shards") + _PREPARE_KEYS,
     "tfds": ("tfds_name", "tfds_data_dir", "split", "fields", "num_shards") + _PREPARE_KEYS,
-    "prepared": ("path",),
+    "prepared": ("path", "workers"),
 }
 # Losses that need something of the data: scored pairs, or hard negatives with teacher scores.
 _NEEDS_SCORES = {"cosent": "data.kind='stsb' (scored pairs)", "angle": "data.kind='stsb' (scored pairs)"}
@@ -114,6 +114,8 @@ def base_config() -> ConfigDict:
     c.data.host_order = "per_host"         # per_host: each host reads its shard | global: every host reads all
                                            # data and takes its rows of one global order (host-count invariant)
     c.data.one_task_per_batch = True       # every global batch holds one task (drawn by rate, same on all hosts)
+    c.data.workers = 0                     # streamed kinds: processes that read and pad the planned batches
+                                           # (0: in the training process); same batches, same resume
     # streamed kinds (embedjax/data/inputs.py): prepared once into indexed shards, each host opens its own
     c.data.sources = []                    # files: [{name, files (glob, local or gs://), format, fields,
                                            #   instruction, document_instruction, rate}, ...]

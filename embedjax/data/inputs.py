@@ -219,7 +219,8 @@ def train_iterator(config: Any, tokenizer: Any, workdir: Any, *, process_index: 
         data, global_batch_size=int(config.batch_size), max_query_length=int(config.max_query_length),
         max_doc_length=int(config.max_document_length), num_negatives=int(config.data.num_negatives),
         group_by_task=bool(config.data.one_task_per_batch), seed=int(config.seed), process_index=pi,
-        process_count=pc, host_order=config.data.host_order, rates=rates, with_keys=with_text_keys(config))
+        process_count=pc, host_order=config.data.host_order, rates=rates, with_keys=with_text_keys(config),
+        workers=int(config.data.workers))
 
 
 def _wait_for(path: Any, timeout_s: float = 24 * 3600) -> None:

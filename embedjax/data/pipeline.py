@@ -453,6 +453,11 @@ class ContrastiveBatchIterator:
         return self
 
     def __next__(self) -> Batch:
+        return self.converter(self.plan(), self.data)
+
+    def plan(self) -> list[Pick]:
+        """The next batch's rows (task, example, negatives), advancing the iterator's state; the converter turns
+        them into arrays (`ParallelBatches` does that in worker processes)."""
         if len(self.tasks) == 1:
             slots = [self.tasks[0]] * self.batch_size
         elif self.group_by_task:   # one uniform draw from (seed, step): the same task on every host
@@ -465,7 +470,7 @@ class ContrastiveBatchIterator:
         used: set[int] = set()
         picks = [self._draw(t, used) for t in slots]
         self.step += 1
-        return self.converter(picks, self.data)
+        return picks
 
     def _clean_negatives(self, task: str, ts: TokenizedSet, exclude: Collection[int]) -> list[np.ndarray]:
         """Per example, the negatives whose text is not its query, a positive of its query (in any example

@@ -31,6 +31,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,10 @@ class PreadShard:
 
     def __len__(self) -> int:
         return self.n
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its path: a worker process (`ParallelBatches`) opens the file itself."""
+        return PreadShard, (self.path,)
 
     def _read(self, name: str, start: int, end: int) -> np.ndarray:
         base, dt = self._arr[name]
@@ -592,16 +597,102 @@ def host_shards(data: PreparedData, task: str, process_index: int, process_count
     return shards[process_index::process_count]
 
 
+# ------------------------------------------------------------------------------------- batches from workers
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(data: Mapping[str, Any], converter: Any) -> None:
+    _WORKER["data"], _WORKER["converter"] = data, converter
+
+
+def _assemble(chunk: list) -> list:
+    """Runs in a worker: planned batches -> padded arrays."""
+    return [_WORKER["converter"](picks, _WORKER["data"]) for picks in chunk]
+
+
+class ParallelBatches:
+    """A `ContrastiveBatchIterator` over prepared shards whose batches are read and padded by `workers`
+    processes: this process plans each batch (which examples, the dedup, the negatives: the iterator's state)
+    and sends the plans, `chunk` batches at a time, to a pool; batches come back in order. The batches are
+    those of the iterator alone, bit for bit, and `get_state` is the state after the last batch returned (the
+    plans made ahead are not in it), so a checkpoint resumes exactly with or without workers. Workers are
+    spawned (not forked: the training process runs JAX's threads) and reopen the shards by path."""
+
+    def __init__(self, it: Any, workers: int, *, chunk: int = 16, ahead: int | None = None):
+        import collections
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.it, self.chunk = it, int(chunk)
+        self.ahead = int(ahead or 2 * workers)
+        self.task_names = getattr(it, "task_names", ())
+        # a worker that dies (or fails to start) breaks the pool: the next batch raises, nothing hangs
+        self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                         initargs=(it.data, it.converter))
+        self._pending: Any = collections.deque()
+        self._ready: Any = collections.deque()
+        self._state = it.get_state()
+
+    def __iter__(self) -> "ParallelBatches":
+        return self
+
+    def _submit(self) -> None:
+        while len(self._pending) < self.ahead:
+            plans, states = [], []
+            for _ in range(self.chunk):
+                plans.append(self.it.plan())
+                states.append(self.it.get_state())
+            self._pending.append((self._pool.submit(_assemble, plans), states))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if not self._ready:
+            self._submit()
+            result, states = self._pending.popleft()
+            try:
+                batches = result.result()
+            except BrokenProcessPool as e:
+                raise DataError(f"data.workers: a batch worker process died ({e}); with the 'spawn' start "
+                                "method the main script must guard its entry point with "
+                                "`if __name__ == '__main__':`") from e
+            self._ready.extend(zip(batches, states))
+            self._submit()
+        batch, self._state = self._ready.popleft()
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return self._state
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        for result, _ in self._pending:     # plans made from the old state: dropped
+            result.cancel()
+        self._pending.clear()
+        self._ready.clear()
+        self.it.set_state(state)
+        self._state = self.it.get_state()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 def build_iterator(data: PreparedData, *, global_batch_size: int, max_query_length: int, max_doc_length: int,
                    num_negatives: int = 0, group_by_task: bool = True, dedup: bool = True, seed: int = 0,
                    process_index: int = 0, process_count: int = 1, host_order: str = "per_host",
-                   rates: Mapping[str, float] | None = None, with_keys: bool = False) -> Any:
+                   rates: Mapping[str, float] | None = None, with_keys: bool = False, workers: int = 0) -> Any:
     """The resumable batch iterator of this process over prepared data (see `pipeline.ContrastiveBatchIterator`).
 
     ``per_host``: this host opens only its shards (`host_shards`) and fills its rows of each global batch;
     the task of a batch is drawn from ``(seed, step)``, so all hosts agree with ``group_by_task``.
     ``global``: every host builds the same global batches over all shards and keeps its rows (the run does
-    not depend on the number of processes, and can resume on another)."""
+    not depend on the number of processes, and can resume on another).
+
+    ``workers`` > 0: batches read and padded by that many processes (`ParallelBatches`), same batches."""
     from embedjax.data.pipeline import (BucketFeatureConverter, ContrastiveBatchIterator, local_batch_size,
                                         validate_rates)
     from embedjax.tokenize import bucket_lengths
@@ -620,7 +711,7 @@ def build_iterator(data: PreparedData, *, global_batch_size: int, max_query_leng
         local_batch_size(global_batch_size, process_count)
         it = build_iterator(data, global_batch_size=global_batch_size, max_query_length=max_query_length,
                             max_doc_length=max_doc_length, num_negatives=num_negatives, group_by_task=group_by_task,
-                            dedup=dedup, seed=seed, rates=rates, with_keys=with_keys)
+                            dedup=dedup, seed=seed, rates=rates, with_keys=with_keys, workers=workers)
         return HostRows(it, process_index, process_count)
     local = local_batch_size(global_batch_size, process_count)
     sets = {}
@@ -632,5 +723,8 @@ def build_iterator(data: PreparedData, *, global_batch_size: int, max_query_leng
     conv = BucketFeatureConverter(bucket_lengths(max_query_length), bucket_lengths(max_doc_length),
                                   num_negatives=num_negatives, pad_id=pad_id, task_names=sorted(live),
                                   with_keys=with_keys)
-    return ContrastiveBatchIterator(sets, local, rates=live, converter=conv, num_negatives=num_negatives,
-                                    group_by_task=group_by_task, dedup=dedup, seed=seed)
+    it = ContrastiveBatchIterator(sets, local, rates=live, converter=conv, num_negatives=num_negatives,
+                                  group_by_task=group_by_task, dedup=dedup, seed=seed)
+    if int(workers) < 0:
+        raise DataError(f"data.workers must be >= 0, got {workers}")
+    return ParallelBatches(it, int(workers)) if int(workers) else it

@@ -290,3 +290,40 @@ def test_two_processes_open_disjoint_files_covering_all(prep):
     assert all(len(set(o["seen"])) == o["n"] == len(o["seen"]) for o in out)  # once per epoch on each host
     assert not set(out[0]["seen"]) & set(out[1]["seen"])
     assert len(out[0]["seen"]) + len(out[1]["seen"]) == len(rows["fact"])
+
+
+def test_worker_processes_give_the_same_batches_and_resume_exactly(prep):
+    """data.workers: batches read and padded by two spawned processes equal the in-process iterator's, bit for
+    bit, over more batches than the plans sent ahead; the state after a batch resumes the same stream, with or
+    without workers; set_state drops the plans made ahead."""
+    root, _, _, _ = prep
+    kw = dict(num_negatives=1, with_keys=True)
+    (_, plain), = _iterators(root, 1, **kw)
+    (_, par), = _iterators(root, 1, workers=2, **kw)
+    assert isinstance(par, prepared.ParallelBatches) and par.task_names == plain.task_names
+    try:
+        n = 2 * par.chunk * par.ahead + 5
+        state = None
+        for k in range(n):
+            a, b = next(plain), next(par)
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(b[key], a[key], err_msg=f"batch {k} {key}")
+            assert par.get_state() == plain.get_state()
+            if k == 7:
+                state = json.loads(json.dumps(par.get_state()))
+        straight = [next(plain) for _ in range(3)]
+        par.set_state(state)                        # back to batch 8, on the same pool
+        (_, fresh), = _iterators(root, 1, **kw)     # and the same state in a process without workers
+        fresh.set_state(state)
+        for _ in range(n - 8):
+            want = next(fresh)
+            got = next(par)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        for want in straight:
+            got = next(par)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    finally:
+        par.close()
