@@ -363,7 +363,7 @@ def compute_platform() -> str:
 # Without YNNPACK fusions (XLA's default for dots and reductions on CPU; XLA's own emitters and Eigen dots
 # instead) MiniLM encodes 64 SciFact documents at 256 tokens 1.25x faster on this 2-core AMD EPYC (3.17 vs
 # 3.98 s, interleaved; STS-B sentences at batch 128: equal), outputs within 2e-7; keeping only YNNPACK's
-# reductions was no better. bench/README.md, "Profile of a long-text encode". `CPU_XLA_OPTIONS_ENABLED = False`
+# reductions was no better. README, "Profile of a long-text encode". `CPU_XLA_OPTIONS_ENABLED = False`
 # keeps XLA's defaults.
 CPU_XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 CPU_XLA_OPTIONS_ENABLED = True
