@@ -50,6 +50,7 @@ _MAGIC = b"EJXSHRD1"
 ROW_FIELDS = 11   # int64 per example in the "rows" index (see `row_index`)
 _REC = struct.Struct(f"<{ROW_FIELDS}q")
 _CACHE = 512      # index records / keys kept per open shard (examples are looked at several times per batch)
+_KEY_FORMATS: dict[int, struct.Struct] = {}   # struct of n little-endian int64 text keys, per n
 _ALIGN = 64
 ARRAYS = ("idx", "query_ids", "query_off", "pos_ids", "pos_off", "neg_ids", "neg_off", "neg_row_off", "keys",
           "key_off", "scores", "score_off")
@@ -161,7 +162,15 @@ class PreadShard:
         self._file = open(local_path, "rb", buffering=0)   # closed with the object
         self._fd = self._file.fileno()
         self._recs: dict[int, tuple[int, ...]] = {}
-        self._keys: dict[int, np.ndarray] = {}
+        self._keys: dict[int, tuple[int, ...]] = {}
+        # (base, itemsize, dtype) of the token arrays read for every batch row (the hot path, inlined below)
+        self._qa = (self._arr["query_ids"][0], self._arr["query_ids"][1].itemsize, self._arr["query_ids"][1])
+        self._pa = (self._arr["pos_ids"][0], self._arr["pos_ids"][1].itemsize, self._arr["pos_ids"][1])
+        if self._arr["keys"][1] != np.dtype("<i8"):
+            raise DataError(f"{local_path}: text keys are {self._arr['keys'][1]}, expected little-endian int64")
+        self._keys_base = self._arr["keys"][0]
+        self._no_scores = int(header["arrays"]["scores"]["count"]) == 0
+        self._empty_scores = np.zeros(0, self._arr["scores"][1])
 
     def __len__(self) -> int:
         return self.n
@@ -185,12 +194,16 @@ class PreadShard:
         return r
 
     def query(self, i: int) -> np.ndarray:
-        r = self._rec(i)
-        return self._read("query_ids", r[0], r[1])
+        r = self._recs.get(i) or self._rec(i)
+        base, size, dt = self._qa
+        n = r[1] - r[0]
+        return np.frombuffer(os.pread(self._fd, n * size, base + r[0] * size), dt) if n > 0 else np.zeros(0, dt)
 
     def positive(self, i: int) -> np.ndarray:
-        r = self._rec(i)
-        return self._read("pos_ids", r[2], r[3])
+        r = self._recs.get(i) or self._rec(i)
+        base, size, dt = self._pa
+        n = r[3] - r[2]
+        return np.frombuffer(os.pread(self._fd, n * size, base + r[2] * size), dt) if n > 0 else np.zeros(0, dt)
 
     def num_negatives(self, i: int) -> int:
         r = self._rec(i)
@@ -201,16 +214,21 @@ class PreadShard:
         off = self._read("neg_off", row, row + 2)
         return self._read("neg_ids", int(off[0]), int(off[1]))
 
-    def example_keys(self, i: int) -> np.ndarray:
+    def example_keys(self, i: int) -> tuple[int, ...]:
+        """The example's text keys (query, positive, negatives...) as Python ints (compared in sets per row)."""
         k = self._keys.get(i)
         if k is None:
             if len(self._keys) >= _CACHE:
                 self._keys.clear()
-            r = self._rec(i)
-            k = self._keys[i] = self._read("keys", r[6], r[7])
+            r = self._recs.get(i) or self._rec(i)
+            n = r[7] - r[6]
+            fmt = _KEY_FORMATS.get(n) or _KEY_FORMATS.setdefault(n, struct.Struct(f"<{n}q"))
+            k = self._keys[i] = fmt.unpack(os.pread(self._fd, 8 * n, self._keys_base + 8 * r[6]))
         return k
 
     def example_scores(self, i: int) -> np.ndarray:
+        if self._no_scores:
+            return self._empty_scores
         r = self._rec(i)
         return self._read("scores", r[8], r[9])
 
@@ -526,6 +544,11 @@ class ShardedTask:
         self.parts = list(parts)
         self.starts = [0] + np.cumsum([len(p) for p in self.parts]).tolist()
         self._fingerprint = fingerprint
+        if len(self.parts) == 1:    # one shard (a host's share in per-host order, usually): its methods directly
+            one = self.parts[0]
+            for name in ("query", "positive", "num_negatives", "negative", "example_keys", "example_scores",
+                         "example_index"):
+                setattr(self, name, getattr(one, name))
 
     def __len__(self) -> int:
         return int(self.starts[-1])
