@@ -725,6 +725,8 @@ def build_iterator(data: PreparedData, *, global_batch_size: int, max_query_leng
         raise DataError(f"{data.root}: prepared with max lengths ({m['max_query_length']}, "
                         f"{m['max_document_length']}), the config asks ({max_query_length}, {max_doc_length}); "
                         "prepare again with the config's lengths")
+    if int(workers) < 0:
+        raise DataError(f"data.workers must be >= 0, got {workers}")
     if host_order not in ("per_host", "global"):
         raise DataError(f"host_order must be 'per_host' or 'global', got {host_order!r}")
     live = validate_rates(task_rates(data, rates), f"prepared data {data.root}")
@@ -748,6 +750,4 @@ def build_iterator(data: PreparedData, *, global_batch_size: int, max_query_leng
                                   with_keys=with_keys)
     it = ContrastiveBatchIterator(sets, local, rates=live, converter=conv, num_negatives=num_negatives,
                                   group_by_task=group_by_task, dedup=dedup, seed=seed)
-    if int(workers) < 0:
-        raise DataError(f"data.workers must be >= 0, got {workers}")
     return ParallelBatches(it, int(workers)) if int(workers) else it
