@@ -589,7 +589,10 @@ class ContrastiveBatchIterator:
 class KeyedPermutation:
     """A pseudo-random permutation of ``range(n)`` computed per position (a 4-round Feistel network over the
     next even power of two, cycle-walking back into range), so shuffling 10M examples holds no index array.
-    Same key, same permutation, on every host and run."""
+    Same key, same permutation, on every host and run. Positions are computed a block of `BLOCK` at a time
+    in NumPy (uint64 arithmetic wraps as the scalar `_encrypt` masks) and the last block is kept."""
+
+    BLOCK = 1024
 
     def __init__(self, n: int, key: int):
         self.n, self.key = int(n), int(key)
@@ -598,11 +601,13 @@ class KeyedPermutation:
         self.half = bits // 2
         self.mask = (1 << self.half) - 1
         self.round_keys = [_mix(self.key, r) | 1 for r in range(4)]
+        self._block_start, self._block = -1, np.zeros(0, np.int64)
 
     def __len__(self) -> int:
         return self.n
 
     def _encrypt(self, x: int) -> int:
+        """One Feistel pass over one position (the definition; `_encrypt_many` computes the same)."""
         left, right = x >> self.half, x & self.mask
         h, m = self.half, self.mask
         for k in self.round_keys:   # round function: multiply-xorshift of (right, key), top bits kept
@@ -610,13 +615,33 @@ class KeyedPermutation:
             left, right = right, left ^ ((f ^ (f >> 29)) >> (64 - h) & m if h else 0)
         return (left << h) | right
 
+    def _encrypt_many(self, x: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half)
+        m = np.uint64(self.mask)
+        left, right = x >> h, x & m
+        with np.errstate(over="ignore"):
+            for k in self.round_keys:
+                f = (right + np.uint64(k)) * np.uint64(0x9E3779B97F4A7C15)
+                g = ((f ^ (f >> np.uint64(29))) >> np.uint64(64 - self.half)) & m if self.half else np.zeros_like(f)
+                left, right = right, left ^ g
+        return (left << h) | right
+
+    def _fill(self, start: int) -> None:
+        x = self._encrypt_many(np.arange(start, min(start + self.BLOCK, self.n), dtype=np.uint64))
+        out_of_range = x >= np.uint64(self.n)
+        while out_of_range.any():      # cycle-walk the positions that left [0, n)
+            x[out_of_range] = self._encrypt_many(x[out_of_range])
+            out_of_range = x >= np.uint64(self.n)
+        self._block_start, self._block = start, x.astype(np.int64)
+
     def __getitem__(self, i: int) -> int:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        x = self._encrypt(int(i))
-        while x >= self.n:
-            x = self._encrypt(x)
-        return x
+        j = i - self._block_start
+        if not 0 <= j < len(self._block):
+            self._fill(i - i % self.BLOCK)
+            j = i - self._block_start
+        return int(self._block[j])
 
 
 def _mix(*words: int) -> int:

@@ -127,6 +127,14 @@ def test_keyed_permutation_is_a_permutation():
         p = KeyedPermutation(n, 1234)
         got = [p[i] for i in range(n)]
         assert sorted(got) == list(range(n))
+        walked = []
+        for i in range(n):   # the blocked NumPy values are the scalar Feistel pass's, cycle-walked
+            x = p._encrypt(i)
+            while x >= n:
+                x = p._encrypt(x)
+            walked.append(x)
+        assert got == walked
+        assert [p[i] for i in reversed(range(n))] == walked[::-1]   # any access order, across blocks
     a, b = KeyedPermutation(1000, 1), KeyedPermutation(1000, 2)
     assert [a[i] for i in range(20)] != [b[i] for i in range(20)]
 
