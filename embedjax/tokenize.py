@@ -4,6 +4,8 @@ XLA compilations stays bounded whatever the input.
 """
 from __future__ import annotations
 
+import bisect
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ def bucket_lengths(max_length: int) -> tuple[int, ...]:
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= length (the largest bucket if none is)."""
-    i = int(np.searchsorted(np.asarray(buckets), length, side="left"))
+    i = bisect.bisect_left(buckets, length)      # buckets are sorted ascending
     return buckets[min(i, len(buckets) - 1)]
 
 

@@ -226,16 +226,17 @@ class BucketFeatureConverter:
         qs = [data[p.task].query(p.i) for p in picks]
         ps = [data[p.task].positive(p.i) for p in picks]
         ns = [[data[p.task].negative(p.i, j) for j in p.negs] for p in picks]
-        Lq = bucket_for(max(len(q) for q in qs), self.query_buckets)
-        Ld = bucket_for(max([len(x) for x in ps] + [len(x) for row in ns for x in row]), self.doc_buckets)
-        if max(len(q) for q in qs) > Lq or max(len(x) for x in ps) > Ld:
+        lq, lp = [len(q) for q in qs], [len(x) for x in ps]
+        mq, md = max(lq), max(lp + [len(x) for row in ns for x in row])
+        Lq, Ld = bucket_for(mq, self.query_buckets), bucket_for(md, self.doc_buckets)
+        if mq > Lq or md > Ld:
             raise ValueError(
                 f"a sequence is longer than the largest bucket ({Lq}, {Ld}); tokenize with a lower "
                 "max length or add a bucket"
             )
         out: Batch = {}
-        out["query_ids"], out["query_mask"] = self._pad(qs, Lq)
-        out["positive_ids"], out["positive_mask"] = self._pad(ps, Ld)
+        out["query_ids"], out["query_mask"] = self._pad(qs, Lq, lq)
+        out["positive_ids"], out["positive_mask"] = self._pad(ps, Ld, lp)
         if K:
             neg_ids = np.full((B, K, Ld), self.pad_id, np.int32)
             neg_mask = np.zeros((B, K, Ld), np.int32)
@@ -272,9 +273,9 @@ class BucketFeatureConverter:
         out["example_idx"] = np.asarray([data[p.task].example_index(p.i) for p in picks], np.int64)
         return out
 
-    def _pad(self, rows: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-        lengths = np.fromiter((len(x) for x in rows), np.int64, len(rows))
-        keep = np.arange(length)[None, :] < lengths[:, None]          # rows are never longer than `length`
+    def _pad(self, rows: Sequence[np.ndarray], length: int, lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows (never longer than `length`) padded to `length`, and their masks."""
+        keep = np.arange(length)[None, :] < np.asarray(lengths, np.int64)[:, None]
         ids = np.full((len(rows), length), self.pad_id, np.int32)
         if len(rows):
             ids[keep] = np.concatenate(rows)
