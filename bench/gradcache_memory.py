@@ -2,7 +2,7 @@
 next to sentence-transformers' CachedMultipleNegativesRankingLoss and MultipleNegativesRankingLoss, same model
 (all-MiniLM-L6-v2), same texts, batch, length, chunk, loss and optimizer, in the same run.
 
-    python bench/gradcache_memory.py [--batch 32] [--seq-len 32] [--chunk 8] [--rounds 2] [--steps 2]
+    python bench/gradcache_memory.py [--batch 32] [--seq-len 32] [--chunk 8] [--rounds 5] [--steps 2]
     python bench/gradcache_memory.py --estimates     # also XLA's compile-time figures for batch 64 and 4096
 
 Each side runs in a fresh subprocess (interleaved rounds, `_harness.measure`), which loads the model, builds
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--estimates", action="store_true")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
