@@ -1,8 +1,11 @@
 """The one way benchmarks here time a comparison: both sides warmed up first (compilation and first-call costs
 reported on their own), then timed in interleaved rounds (A B, B A, A B, ...) so that a change in the machine's
 load falls on both alike; the median and spread of each side, the ratio of medians, the 1-minute load average
-before and after (a run taken with load above `LOAD_LIMIT` x cores is flagged), and one JSON line per figure
-appended to `bench/results.jsonl` with the date, machine and library versions.
+before and after (for the record: it includes the benchmark's own work and decays over minutes, so it stays
+high right after another benchmark), the share of the machine's CPU time that other processes used while it
+ran (`other_cpu`, from /proc/stat less this process's and its children's CPU time; above `OTHER_CPU_LIMIT` the
+run is flagged), and one JSON line per figure appended to `bench/results.jsonl` with the date, machine and
+library versions.
 
     from _harness import compare
     res = compare("encode STS-B test", {"embedjax": run_a, "sentence-transformers": run_b},
@@ -25,7 +28,8 @@ from typing import Any, Callable
 
 # EMBEDJAX_BENCH_RESULTS points trial runs elsewhere
 RESULTS = Path(os.environ.get("EMBEDJAX_BENCH_RESULTS") or Path(__file__).resolve().parent / "results.jsonl")
-LOAD_LIMIT = 0.25   # a 1-minute load average above this fraction of the cores flags the run
+LOAD_LIMIT = 0.25        # where /proc/stat cannot be read: a load average above this fraction of the cores flags
+OTHER_CPU_LIMIT = 0.10   # other processes using more than this share of all cores' time flag the run
 
 
 def machine() -> dict[str, Any]:
@@ -63,12 +67,56 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+class CpuWatch:
+    """The share of all cores' time that processes other than this one and its (waited-for) children used
+    between construction and `other()`: the machine's busy time from /proc/stat (user, nice, system, irq,
+    softirq, steal) less this process tree's user + system time. None where /proc/stat cannot be read."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")   # less idle and iowait
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def other(self) -> float | None:
+        end = self._now()
+        if self.start is None or end is None:
+            return None
+        wall, busy, own = (b - a for a, b in zip(self.start, end))
+        return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))) if wall > 0 else None
+
+
+def _load_fields(load_before: float, watch: CpuWatch) -> dict[str, Any]:
+    load_after = load()
+    other = watch.other()
+    cores = os.cpu_count() or 1
+    flagged = max(load_before, load_after) > LOAD_LIMIT * cores if other is None else other > OTHER_CPU_LIMIT
+    return {"load_before": round(load_before, 2), "load_after": round(load_after, 2),
+            "other_cpu": None if other is None else round(other, 3), "under_load": flagged}
+
+
+def load_text(res: dict[str, Any]) -> str:
+    """'load 1.2 -> 1.9 on 2 cores, other processes 1.5% of the CPU' (+ the flag)."""
+    other = res.get("other_cpu")
+    text = (f"load {res['load_before']} -> {res['load_after']} on {res['machine']['cores']} cores, other processes "
+            + ("unknown" if other is None else f"{100 * other:.1f}% of the CPU"))
+    return text + ("; UNDER LOAD: not a fair figure" if res["under_load"] else "")
+
+
 def compare(name: str, sides: dict[str, Callable[[], Any]], *, work: float, unit: str, rounds: int = 5,
             warmup: int = 1, meta: dict[str, Any] | None = None, modules: tuple[str, ...] = (),
             write: bool = True) -> dict[str, Any]:
     """Times each side's `fn()` (one unit of `work` per call, e.g. sentences) `rounds` times, interleaved, after
     `warmup` untimed calls each; returns and records {side: {median, min, max, spread, rate}, ratio, load...}."""
-    load_before = load()
+    load_before, watch = load(), CpuWatch()
     warm: dict[str, float] = {}
     for side, fn in sides.items():
         t0 = time.perf_counter()
@@ -82,13 +130,9 @@ def compare(name: str, sides: dict[str, Callable[[], Any]], *, work: float, unit
             t0 = time.perf_counter()
             sides[side]()
             times[side].append(time.perf_counter() - t0)
-    load_after = load()
-    cores = os.cpu_count() or 1
-    under_load = max(load_before, load_after) > LOAD_LIMIT * cores
     out: dict[str, Any] = {"benchmark": name, "date": _dt.datetime.now().isoformat(timespec="seconds"),
                            "unit": unit, "work_per_call": work, "rounds": rounds, "interleaved": True,
-                           "load_before": round(load_before, 2), "load_after": round(load_after, 2),
-                           "under_load": under_load, "machine": machine(), "versions": versions(*modules),
+                           **_load_fields(load_before, watch), "machine": machine(), "versions": versions(*modules),
                            **(meta or {}), "sides": {}}
     for side, ts in times.items():
         med = statistics.median(ts)
@@ -110,7 +154,7 @@ def measure(name: str, sides: dict[str, Callable[[], dict[str, float]]], *, roun
     rate): each side's `fn()` returns {metric: value}; after `warmup` discarded calls each, the sides run
     `rounds` times interleaved (A B C, C B A, ...); returns and records {side: {metric: {median, min, max,
     spread}}} with the load before and after."""
-    load_before = load()
+    load_before, watch = load(), CpuWatch()
     for side, fn in sides.items():
         for _ in range(warmup):
             fn()
@@ -119,12 +163,8 @@ def measure(name: str, sides: dict[str, Callable[[], dict[str, float]]], *, roun
     for r in range(rounds):
         for side in (order if r % 2 == 0 else order[::-1]):
             got[side].append(sides[side]())
-    load_after = load()
-    cores = os.cpu_count() or 1
     out: dict[str, Any] = {"benchmark": name, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                           "rounds": rounds, "interleaved": True,
-                           "load_before": round(load_before, 2), "load_after": round(load_after, 2),
-                           "under_load": max(load_before, load_after) > LOAD_LIMIT * cores,
+                           "rounds": rounds, "interleaved": True, **_load_fields(load_before, watch),
                            "machine": machine(), "versions": versions(*modules), **(meta or {}), "sides": {}}
     for side, runs in got.items():
         out["sides"][side] = {}
@@ -147,15 +187,15 @@ def record(res: dict[str, Any]) -> None:
 def combined_load(*results: dict[str, Any]) -> dict[str, Any]:
     """Load fields spanning several results taken one after the other (first before, last after, flagged if
     any was)."""
+    others = [r.get("other_cpu") for r in results]
     return {"load_before": results[0]["load_before"], "load_after": results[-1]["load_after"],
+            "other_cpu": None if None in others else max(others),
             "under_load": any(r["under_load"] for r in results)}
 
 
 def report(res: dict[str, Any]) -> str:
     """Human-readable lines for one `compare` result."""
-    lines = [f"{res['benchmark']} ({res['rounds']} interleaved rounds; load {res['load_before']} -> "
-             f"{res['load_after']} on {res['machine']['cores']} cores"
-             f"{'; UNDER LOAD: not a fair figure' if res['under_load'] else ''})"]
+    lines = [f"{res['benchmark']} ({res['rounds']} interleaved rounds; {load_text(res)})"]
     for side, s in res["sides"].items():
         lines.append(f"  {side:<24} {s['rate']:9.2f} {res['unit']}  (median {s['median_s']:.3f} s, spread "
                      f"{100 * s['spread']:.0f}%, warm-up {s['warmup_s']:.1f} s)")
@@ -166,9 +206,7 @@ def report(res: dict[str, Any]) -> str:
 
 def report_measure(res: dict[str, Any]) -> str:
     """Human-readable lines for one `measure` result: each side's metrics as median [min - max]."""
-    lines = [f"{res['benchmark']} ({res['rounds']} interleaved rounds; load {res['load_before']} -> "
-             f"{res['load_after']} on {res['machine']['cores']} cores"
-             f"{'; UNDER LOAD: not a fair figure' if res['under_load'] else ''})"]
+    lines = [f"{res['benchmark']} ({res['rounds']} interleaved rounds; {load_text(res)})"]
     for side, metrics in res["sides"].items():
         cells = [f"{m} {v['median']:.4g} [{v['min']:.4g} - {v['max']:.4g}]" for m, v in metrics.items()]
         lines.append(f"  {side:<22} " + ", ".join(cells))

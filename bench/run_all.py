@@ -80,13 +80,13 @@ def tables(rows: list[dict], *, seconds: float | None = None, latest: bool = Fal
         took = f"; {seconds:.0f} s in all" if seconds is not None else ""
         out += [f"{throughput[0]['date'][:10]}, {m['cpu']} ({m['cores']} cores), jax {v['jax']}, torch {v.get('torch')}, "
                 f"sentence-transformers {v.get('sentence_transformers')}{took}",
-                "| benchmark | embedjax | sentence-transformers (same process) | ratio | rounds, spread | load before -> after |",
+                "| benchmark | embedjax | sentence-transformers (same process) | ratio | rounds, spread | load before -> after; other processes' CPU |",
                 "|---|---|---|---|---|---|"]
         for r in throughput:
             a, b = r["sides"]["embedjax"], r["sides"]["sentence-transformers"]
             out.append(f"| {r['benchmark']} | {a['rate']:.1f} {r['unit']} | {b['rate']:.1f} {r['unit']} | "
                        f"**{r['ratio']['value']:.2f}x** | {r['rounds']} interleaved, {100 * a['spread']:.0f}% / "
-                       f"{100 * b['spread']:.0f}% | {r['load_before']} -> {r['load_after']}{_flag(r)} |")
+                       f"{100 * b['spread']:.0f}% | {_load(r)} |")
     if peers:
         if out:
             out.append("")
@@ -94,8 +94,12 @@ def tables(rows: list[dict], *, seconds: float | None = None, latest: bool = Fal
     return "\n".join(out)
 
 
-def _flag(r: dict) -> str:
-    return " (under load)" if r["under_load"] else ""
+def _load(r: dict) -> str:
+    """'1.84 -> 1.99; 0.8%': the 1-minute load average (this benchmark's own work included) and the share of
+    the CPU other processes used while it ran (what flags a run taken under load)."""
+    other = r.get("other_cpu")
+    return (f"{r['load_before']} -> {r['load_after']}; " + ("unknown" if other is None else f"{100 * other:.1f}%")
+            + (" (under load)" if r["under_load"] else ""))
 
 
 def peer_table(rows: list[dict]) -> str:
@@ -107,12 +111,12 @@ def peer_table(rows: list[dict]) -> str:
     out = [f"{m['cpu']} ({m['cores']} cores), jax {v.get('jax')}, torch {v.get('torch')}, sentence-transformers "
            f"{v.get('sentence_transformers')}, faiss {v.get('faiss', '-')}, onnxruntime {v.get('onnxruntime', '-')}, tensorflow "
            f"{v.get('tensorflow', '-')}",
-           "| benchmark | command | embedjax | peers (same run) | check | rounds | load before -> after |",
+           "| benchmark | command | embedjax | peers (same run) | check | rounds | load before -> after; other processes' CPU |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["row"]
         out.append(f"| {c['benchmark']} | {c['command']} | {c['embedjax']} | {c['peers']} | {c['check']} | "
-                   f"{r['rounds']} interleaved, {r['date'][:10]} | {r['load_before']} -> {r['load_after']}{_flag(r)} |")
+                   f"{r['rounds']} interleaved, {r['date'][:10]} | {_load(r)} |")
     return "\n".join(out)
 
 
