@@ -29,7 +29,8 @@ from typing import Any, Callable
 # EMBEDJAX_BENCH_RESULTS points trial runs elsewhere
 RESULTS = Path(os.environ.get("EMBEDJAX_BENCH_RESULTS") or Path(__file__).resolve().parent / "results.jsonl")
 LOAD_LIMIT = 0.25        # where /proc/stat cannot be read: a load average above this fraction of the cores flags
-OTHER_CPU_LIMIT = 0.10   # other processes using more than this share of all cores' time flag the run
+OTHER_CPU_LIMIT = 0.05   # other processes using more than this share of all cores' time flag the run: XLA's CPU
+#                          threads wait for each other, so a few % taken from one core slows a step by far more
 
 
 def machine() -> dict[str, Any]:
